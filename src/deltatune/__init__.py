@@ -1,0 +1,1 @@
+"""deltatune: fine-tune pretrained models with every method and every stage."""

@@ -1,0 +1,257 @@
+"""The run config: typed groups, YAML loading, `key.sub=value` overrides, validation messages.
+
+A config is YAML (or a dict) validated by pydantic models with `extra="forbid"`. Before pydantic
+sees it, unknown keys are caught here with the nearest valid key named, so a typo fails before
+any model loads:
+
+    config error in cfg.yaml: data.max_lenght: unknown key; did you mean 'max_length'?
+
+The `delta` group is one delta config or a list of them; each is validated against the config
+class that its `method` registers (see `deltatune.deltas.registry`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from deltatune.deltas.base import DeltaConfig
+from deltatune.errors import ConfigError, nearest
+
+__all__ = [
+    "StrictModel",
+    "DataConfig",
+    "TrainConfig",
+    "RunConfig",
+    "load_config",
+    "parse_overrides",
+    "config_to_yaml",
+]
+
+
+class StrictModel(BaseModel):
+    """Base for config groups: unknown keys are errors, field docstrings are the documentation."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    train: str | None = None
+    """Training data file (.jsonl .json .csv .parquet .txt)."""
+    eval: str | None = None
+    """Evaluation data file; if unset, `eval_split` of the training data is held out."""
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the training data held out for evaluation when `eval` is not given."""
+    format: Literal["auto", "messages", "alpaca", "text"] = "auto"
+    """Record format: `messages` (OpenAI role/content or ShareGPT from/value), `alpaca`
+    (instruction/input/output), `text` (raw text); `auto` detects it from the first record."""
+    max_length: int = Field(512, ge=8)
+    """Examples longer than this many tokens are truncated (packing rows have this length)."""
+    packing: bool = False
+    """Pack several short examples into each row (no attention across examples)."""
+    train_on_inputs: bool = False
+    """Also compute the loss on prompt (system/user) tokens, not only on assistant replies."""
+    system: str | None = None
+    """A system message added to conversations that have none (else the template's default)."""
+
+
+class TrainConfig(StrictModel):
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run; if unset, `epochs` decides."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training data (used when `max_steps` is unset; default 1)."""
+    batch_size: int = Field(8, ge=1)
+    """Examples (or packed rows) per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the loss is normalised by the tokens of all of them."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay (never applied to biases and norm weights)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup: float = Field(0.03, ge=0)
+    """Warmup length: a fraction of the steps if < 1, else a number of steps."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (unset: no clipping)."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every this many steps (0: only at the end)."""
+    save_every: int = Field(0, ge=0)
+    """Write a resumable checkpoint every this many steps (0: only at the end and on interrupt)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints to keep."""
+    log_every: int = Field(1, ge=1)
+    """Write a metrics line every this many steps."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: `bf16` autocasts matmuls to bfloat16 (weights stay fp32); `auto` is
+    bf16 on a GPU that supports it and fp32 otherwise."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; `auto` picks CUDA when available."""
+
+
+class RunConfig(StrictModel):
+    model: str
+    """Built-in alias (`deltatune models`), a local Hugging Face directory, a .gguf file, or a hub id."""
+    stage: Literal["sft"] = "sft"
+    """Training stage (objective)."""
+    data: DataConfig = DataConfig()
+    """Where the data comes from and how it is prepared."""
+    delta: list[SerializeAsAny[DeltaConfig]] = Field(default_factory=lambda: [{"method": "lora"}], validate_default=True)
+    """The delta (method) to train: one config, or a list of them to compose."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation and loop settings."""
+    output_dir: str = "runs/run"
+    """Run directory: adapter, checkpoints, metrics, summary, config."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `output_dir`."""
+    overwrite: bool = False
+    """Replace a different run already in `output_dir` (otherwise that is an error)."""
+
+    @field_validator("delta", mode="before")
+    @classmethod
+    def _delta_configs(cls, value: Any) -> list[DeltaConfig]:
+        from deltatune.deltas.registry import delta_config_class
+
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ValueError("give at least one delta, e.g. delta: {method: lora}")
+        configs = []
+        for item in items:
+            if isinstance(item, DeltaConfig):
+                configs.append(item)
+                continue
+            if isinstance(item, str):
+                item = {"method": item}
+            configs.append(delta_config_class(item.get("method", "lora")).model_validate(item))
+        return configs
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn `["train.lr=1e-4", "data.packing=true"]` into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.lr=1e-4")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set both as a value and a group")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `patch` into a copy of `base`. A dict patch on a one-item delta list edits that item;
+    an integer key (`delta.1.r=4`) edits the item at that index."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        current = out.get(key)
+        if isinstance(current, list) and isinstance(value, dict):
+            if all(str(k).isdigit() for k in value):
+                for index, sub in value.items():
+                    current[int(index)] = _merge(current[int(index)], sub) if isinstance(sub, dict) else sub
+                continue
+            if len(current) == 1 and isinstance(current[0], dict):
+                out[key] = [_merge(current[0], value)]
+                continue
+        if isinstance(current, dict) and isinstance(value, dict):
+            out[key] = _merge(current, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(raw: Any, cls: type[BaseModel], path: str) -> None:
+    """Raise ConfigError for the first unknown key, naming the nearest valid one."""
+    if not isinstance(raw, dict):
+        return
+    from deltatune.deltas.registry import delta_config_class
+
+    for key, value in raw.items():
+        where = f"{path}{key}"
+        if key not in cls.model_fields:
+            hint = nearest(str(key), cls.model_fields)
+            suggestion = f"; did you mean '{hint}'?" if hint else f"; valid keys: {', '.join(cls.model_fields)}"
+            raise ConfigError(f"{where}: unknown key{suggestion}")
+        if cls is RunConfig and key == "delta":
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, dict):
+                    sub = f"{where}.{i}." if isinstance(value, list) else f"{where}."
+                    _check_keys(item, delta_config_class(item.get("method", "lora"), where=sub), sub)
+            continue
+        annotation = cls.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, f"{where}.")
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        message = item["msg"]
+        if item["type"] == "literal_error" and isinstance(item.get("input"), str):
+            choices = [c.strip(" '") for c in str(item.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
+            hint = nearest(item["input"], [c for c in choices if c])
+            if hint:
+                message += f"; did you mean '{hint}'?"
+        got = item.get("input")
+        if not isinstance(got, dict | list):
+            message += f" (got {got!r})"
+        lines.append(f"{loc}: {message}" if loc else message)
+    return "\n  ".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw config dict; every problem becomes a ConfigError naming the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    try:
+        _check_keys(raw, RunConfig, "")
+        return RunConfig.model_validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"config error in {source}: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"config error in {source}:\n  {_format_validation_error(exc)}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict; syntax errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Load a config: `base` dict, then the YAML file at `path`, then `key.sub=value` overrides."""
+    raw = copy.deepcopy(base or {})
+    if path is not None:
+        raw = _merge(raw, read_yaml(path))
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML (every default spelled out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,142 @@
+"""The delta contract: a small set of trainable parameters laid over a frozen base model.
+
+Every fine-tuning method is a `Delta`. A delta has a typed config (`DeltaConfig` subclass, one per
+method) and, once attached to a model under an adapter name, it can:
+
+- list its trainable parameters (`named_parameters`), with full module paths in the model;
+- save and load only its own state (`state_dict` / `load_state_dict`, in-memory names);
+- be disabled (`with delta.disabled(): ...` gives the base model's outputs, which is how DPO and
+  PPO get a reference model without a second copy);
+- merge into the base weights and unmerge, where the maths allows (`mergeable`); merging twice
+  is a no-op.
+
+Methods that wrap modules build on `DeltaLayer` (deltas/layer.py); the on-disk format (PEFT's
+`adapter_config.json` + `adapter_model.safetensors`) is in deltatune.export.peft_format.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+__all__ = ["DeltaConfig", "Delta"]
+
+
+class DeltaConfig(BaseModel):
+    """Base of every method's config; `method` selects the method in the registry."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    method: str
+    """Which method (see `deltatune methods`)."""
+
+
+class Delta(abc.ABC):
+    """One method's parameters, attached to a model under an adapter `name`."""
+
+    config_class: ClassVar[type[DeltaConfig]]
+    """The typed config of this method."""
+    mergeable: ClassVar[bool] = False
+    """Whether `merge()` can fold the delta into the base weights exactly."""
+    peft_type: ClassVar[str | None] = None
+    """PEFT's name for the method when PEFT also has it (on-disk `peft_type`)."""
+
+    def __init__(self, config: DeltaConfig, name: str = "default") -> None:
+        self.config = config
+        self.name = name
+        self.model: nn.Module | None = None
+        self.merged = False
+
+    # ---- attaching -------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> Delta:
+        """Add this delta to `model` in place (the base should already be frozen) and return self."""
+        self.model = model
+        self._attach(model)
+        for _, param in self.named_parameters():
+            param.requires_grad_(True)
+        return self
+
+    @abc.abstractmethod
+    def _attach(self, model: nn.Module) -> None:
+        """Inject modules or mark parameters; called once by `attach`."""
+
+    @abc.abstractmethod
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This delta's trainable parameters, named by their full path in the model."""
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This delta's parameters (detached), keyed by their full in-memory names."""
+        return {name: param.detach() for name, param in self.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy `state` (as returned by `state_dict`) into this delta's parameters; keys must match."""
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise KeyError(f"delta '{self.name}' state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for key, param in params.items():
+                value = state[key]
+                if value.shape != param.shape:
+                    raise ValueError(f"delta '{self.name}': {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+                param.copy_(value)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for _, p in self.named_parameters())
+
+    # ---- switching -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def set_enabled(self, enabled: bool) -> None:
+        """Turn the delta's effect on or off without touching its parameters."""
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the block the model computes as the base model (a merged delta is unmerged)."""
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        self.set_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_enabled(True)
+            if was_merged:
+                self.merge()
+
+    def merge(self) -> None:
+        """Fold the delta into the base weights (a no-op when already merged)."""
+        if not self.mergeable:
+            raise TypeError(f"method '{self.config.method}' cannot be merged into the base weights")
+        if not self.merged:
+            self._merge(sign=1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge` (a no-op when not merged)."""
+        if self.merged:
+            self._merge(sign=-1.0)
+            self.merged = False
+
+    def _merge(self, sign: float) -> None:
+        raise TypeError(f"method '{self.config.method}' cannot be merged")
+
+    # ---- on-disk format ------------------------------------------------------------------------
+    def peft_config(self) -> dict[str, Any]:
+        """The `adapter_config.json` fields for this delta (PEFT's names where PEFT has the method)."""
+        return {"peft_type": self.peft_type or self.config.method.upper(), **self.config.model_dump(mode="json")}
+
+    def peft_key(self, name: str) -> str:
+        """On-disk key for an in-memory parameter name (PEFT's convention: the adapter name is
+        dropped and `base_model.model.` is prepended)."""
+        return "base_model.model." + name.replace(f".{self.name}.", ".").removesuffix(f".{self.name}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, params={self.num_parameters():,}, {self.config!r})"

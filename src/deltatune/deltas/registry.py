@@ -1,0 +1,36 @@
+"""Method registry: `delta.method` name -> Delta class. Each method registers in one line below."""
+
+from __future__ import annotations
+
+from deltatune.deltas.base import Delta, DeltaConfig
+from deltatune.deltas.lora import Lora
+from deltatune.errors import ConfigError, nearest
+
+__all__ = ["METHODS", "delta_class", "delta_config_class", "delta_class_for_peft_type"]
+
+METHODS: dict[str, type[Delta]] = {
+    "lora": Lora,
+}
+
+
+def delta_class(method: str, where: str = "delta.") -> type[Delta]:
+    """The Delta class registered for `method`; a ConfigError naming the nearest method otherwise."""
+    if method not in METHODS:
+        hint = nearest(str(method), METHODS)
+        raise ConfigError(
+            f"{where}method: unknown method {method!r}"
+            + (f"; did you mean '{hint}'?" if hint else f"; one of: {', '.join(METHODS)}")
+        )
+    return METHODS[method]
+
+
+def delta_config_class(method: str, where: str = "delta.") -> type[DeltaConfig]:
+    return delta_class(method, where).config_class
+
+
+def delta_class_for_peft_type(peft_type: str) -> type[Delta] | None:
+    """The Delta class that reads adapters saved with this `peft_type`, if any."""
+    for cls in METHODS.values():
+        if (cls.peft_type or cls.config_class.model_fields["method"].default.upper()) == peft_type:
+            return cls
+    return None

@@ -1,0 +1,1 @@
+"""Export: PEFT-format adapters, merged models, GGUF."""

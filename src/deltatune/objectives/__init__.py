@@ -1,0 +1,1 @@
+"""Objectives: losses as pure functions over tensors."""

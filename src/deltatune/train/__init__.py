@@ -1,0 +1,1 @@
+"""Training machinery shared by the recipes: optimizer, schedule, loop, checkpoints, logs."""

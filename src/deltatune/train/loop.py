@@ -1,0 +1,244 @@
+"""The training loop shared by the supervised recipes (pt, sft, classify, ...).
+
+One optimizer step = `grad_accum` micro-batches. The loss of each micro-batch is a *sum* over its
+label tokens divided by the label tokens of the whole step, so accumulating 4 micro-batches of 2
+gives the same gradient as one batch of 8. The loop evaluates, checkpoints, stops cleanly on
+Ctrl-C/SIGTERM (after writing a checkpoint) and refuses to step on a NaN/inf loss.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.config import TrainConfig
+from deltatune.data.loader import BatchStream
+from deltatune.deltas import DeltaSet
+from deltatune.errors import TrainingError
+from deltatune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from deltatune.train.logs import RunLogger
+from deltatune.train.optim import build_optimizer, build_schedule
+
+__all__ = ["LossFn", "TrainResult", "Interrupted", "train", "evaluate", "autocast_for", "resolve_device", "total_steps"]
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+"""(model, batch) -> (summed loss over the batch's units, number of units), e.g. label tokens."""
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint (resume with `resume: true`)."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint written to {checkpoint}. Continue with resume: true")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class TrainResult:
+    step: int = 0
+    final_loss: float = float("nan")
+    final_eval_loss: float | None = None
+    train_tokens: int = 0
+    """Non-padding input tokens processed (this session and any resumed one)."""
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is cuda but no CUDA device is available; use device: cpu or auto")
+    return torch.device(name)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    """The autocast context for the configured precision (`auto`: bf16 on a bf16-capable GPU)."""
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil((cfg.epochs or 1.0) * batches_per_epoch / cfg.grad_accum))
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, bool]]:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step; a second
+    SIGINT interrupts at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a batch."""
+    mask = batch.get("attention_mask", batch.get("token_mask"))
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    device: torch.device,
+    autocast=nullcontext,
+) -> float:
+    """Mean loss per unit over `batches`, streamed (no logits are kept)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with autocast():
+            loss_sum, n = loss_fn(model, _to(batch, device))
+        total += float(loss_sum)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(
+    model: nn.Module,
+    deltas: DeltaSet,
+    stream: BatchStream,
+    loss_fn: LossFn,
+    count_fn: Callable[[dict[str, torch.Tensor]], int],
+    cfg: TrainConfig,
+    run_dir: Path,
+    eval_fn: Callable[[], float] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Optimise the deltas' parameters of `model` over `stream` (see module docstring).
+
+    Args:
+        loss_fn: summed loss and unit count of one micro-batch.
+        count_fn: units (e.g. label tokens) of a micro-batch, computed before the forward pass.
+        eval_fn: returns the eval loss; called every `cfg.eval_every` steps and at the end.
+    """
+    device = next(model.parameters()).device
+    autocast = lambda: autocast_for(cfg, device)  # noqa: E731
+    params = list(deltas.named_parameters())
+    optimizer = build_optimizer(params, cfg)
+    steps = total_steps(cfg, stream.batches_per_epoch)
+    schedule = build_schedule(optimizer, cfg, steps)
+    result = TrainResult()
+
+    start = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        weights, optim_state, state = load_checkpoint(checkpoint)
+        deltas.load_state_dict(weights)
+        optimizer.load_state_dict(optim_state)
+        schedule.load_state_dict(state["schedule"])
+        stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        start, result.train_tokens = state["step"], state["train_tokens"]
+        result.step = start
+        log(f"resumed from {checkpoint} (step {start} of {steps})")
+    elif resume:
+        log(f"resume: no checkpoint in {run_dir}; starting from step 0")
+
+    def write_checkpoint(step: int) -> Path:
+        state = {"schedule": schedule.state_dict(), "stream": stream.state_dict(), "train_tokens": result.train_tokens}
+        return save_checkpoint(run_dir, step, deltas.state_dict(), optimizer, state, keep=cfg.keep_checkpoints)
+
+    logger = RunLogger(run_dir, steps, start)
+    model.train()
+    started = time.perf_counter()
+    session_tokens = 0
+    try:
+        with _stop_on_signals() as stop:
+            for step in range(start + 1, steps + 1):
+                step_started = time.perf_counter()
+                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                units = sum(count_fn(b) for b in micro)
+                loss_total = 0.0
+                for batch in micro:
+                    batch = _to(batch, device)
+                    with autocast():
+                        loss_sum, _ = loss_fn(model, batch)
+                    (loss_sum / max(units, 1)).backward()
+                    loss_total += float(loss_sum.detach())
+                loss = loss_total / max(units, 1)
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(run_dir)
+                    raise TrainingError(
+                        f"the loss became {loss} at step {step}; training stopped before the weights were updated. "
+                        f"Last good checkpoint: {last or 'none'}. Try a lower train.lr, train.precision: fp32, "
+                        "or check the data for empty or extreme examples."
+                    )
+                grad_norm = (
+                    float(torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm))
+                    if cfg.max_grad_norm
+                    else None
+                )
+                lr = schedule.get_last_lr()[0]
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                tokens = sum(_input_tokens(b) for b in micro)
+                session_tokens += tokens
+                result.train_tokens += tokens
+                tokens_per_s = tokens / max(time.perf_counter() - step_started, 1e-9)
+                record: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "epoch": stream.epoch}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+                    record["eval_loss"] = result.final_eval_loss = eval_fn()
+                    logger.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
+                if step % cfg.log_every == 0 or step == steps or "eval_loss" in record:
+                    logger.log(step, record)
+                result.history.append({"step": step, **record})
+                logger.progress(loss, lr, tokens_per_s)
+                result.step, result.final_loss = step, loss
+
+                if stop["stop"]:
+                    raise Interrupted(step, write_checkpoint(step))
+                if cfg.save_every and step % cfg.save_every == 0 and step != steps:
+                    write_checkpoint(step)
+            if eval_fn is not None:
+                result.final_eval_loss = eval_fn()
+                logger.log(steps, {"eval_loss": result.final_eval_loss})
+                logger.write(f"final eval loss {result.final_eval_loss:.4f}")
+            if result.step:
+                write_checkpoint(result.step)
+    finally:
+        logger.close()
+    result.wall_s = time.perf_counter() - started
+    result.tokens_per_s = session_tokens / max(result.wall_s, 1e-9)
+    return result
