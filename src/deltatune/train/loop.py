@@ -63,12 +63,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it, bf16
+    matmuls are emulated and run ~100x slower than fp32 (measured: 1 vs 135 GFLOP/s on AVX2)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_for(cfg: TrainConfig, device: torch.device):
     """The autocast context for the configured precision (`auto`: bf16 on a bf16-capable GPU)."""
     bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def check_precision(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse bf16 on a CPU that can only emulate it (it would take ~100x longer than fp32)."""
+    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise TrainingError(
+            "train.precision is bf16, but this CPU has no native bf16 (no avx512_bf16/amx in /proc/cpuinfo): "
+            "bf16 matmuls would be emulated, ~100x slower than fp32. Use train.precision: fp32 (or auto)."
+        )
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -150,6 +169,7 @@ def train(
         eval_fn: returns the eval loss; called every `cfg.eval_every` steps and at the end.
     """
     device = next(model.parameters()).device
+    check_precision(cfg, device)
     autocast = lambda: autocast_for(cfg, device)  # noqa: E731
     params = list(deltas.named_parameters())
     optimizer = build_optimizer(params, cfg)

