@@ -19,7 +19,7 @@ from deltatune.errors import ConfigError
 
 __all__ = ["find_targets", "get_module", "set_module", "freeze", "layer_index", "HEAD_NAMES"]
 
-HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "cls", "pooler", "v_head")
+HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "v_head")
 """Module names treated as task heads: never wrapped by `all-linear`."""
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")

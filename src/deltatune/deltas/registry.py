@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.lora import Lora
+from deltatune.deltas.select import Head
 from deltatune.errors import ConfigError, nearest
 
 __all__ = ["METHODS", "delta_class", "delta_config_class", "delta_class_for_peft_type"]
 
 METHODS: dict[str, type[Delta]] = {
     "lora": Lora,
+    "head": Head,
 }
 
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models (built from configs, with real tokenizers) and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat_rows(n: int = 32, seed: int = 0) -> list[dict]:
+    """Short user/assistant exchanges a tiny model can fit (reply = reversed word)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "robot", "ocean", "maple"]
+    rows = []
+    for _ in range(n):
+        word = rng.choice(words)
+        rows.append(
+            {"messages": [{"role": "user", "content": f"Reverse {word}"}, {"role": "assistant", "content": word[::-1]}]}
+        )
+    return rows
+
+
+@pytest.fixture
+def tiny_llama():
+    """(model, tokenizer): a 2-layer random Llama with the SmolLM2 tokenizer (identical every build)."""
+    from deltatune.models import load_model
+
+    return load_model("tiny-llama")
+
+
+@pytest.fixture
+def tiny_bert():
+    from deltatune.models import load_model
+
+    return load_model("tiny-bert", task="base")
+
+
+@pytest.fixture
+def chat_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", chat_rows())
+
+
+@pytest.fixture
+def tiny_config(chat_file: Path, tmp_path: Path):
+    """A RunConfig for a few LoRA SFT steps of tiny-llama; pass overrides to adjust."""
+    from deltatune.config import load_config
+
+    def make(*overrides: str):
+        return load_config(
+            None,
+            [
+                "model=tiny-llama",
+                f"data.train={chat_file}",
+                "data.eval_split=0.2",
+                "data.max_length=64",
+                "train.max_steps=4",
+                "train.batch_size=4",
+                "train.lr=1e-2",
+                "delta.dropout=0.0",
+                f"output_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+
+    return make
