@@ -106,14 +106,17 @@ def chat(
 
 @app.command()
 def demo(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Changes to the demo config, e.g. delta.method=ia3 train.max_steps=20.")] = None,
     output_dir: Annotated[str, typer.Option(help="Run directory.")] = "runs/demo",
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the demo config's).")] = None,
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct with LoRA to answer in a fixed JSON shape; score before/after."""
+    from deltatune.demo import demo_config
+
+    demo_config(output_dir, overrides)  # validate before loading anything
     _quiet_libraries()
     from deltatune.demo import run_demo
 
-    run_demo(output_dir=output_dir, steps=steps)
+    run_demo(output_dir=output_dir, overrides=overrides)
 
 
 @app.command()

@@ -37,13 +37,12 @@ DEMO_CONFIG: dict[str, Any] = {
 """The demo's config (the data paths are filled in from the installed package)."""
 
 
-def demo_config(output_dir: str = "runs/demo", steps: int | None = None):
+def demo_config(output_dir: str = "runs/demo", overrides: list[str] | None = None):
+    """The demo's RunConfig; `overrides` (key=value) change it, e.g. `delta.method=ia3`."""
     from deltatune.config import load_config
 
-    overrides = [f"output_dir={output_dir}", f"data.train={DATA_DIR / 'train.jsonl'}", f"data.eval={DATA_DIR / 'eval.jsonl'}"]
-    if steps:
-        overrides.append(f"train.max_steps={steps}")
-    return load_config(None, overrides, base=DEMO_CONFIG)
+    paths = [f"output_dir={output_dir}", f"data.train={DATA_DIR / 'train.jsonl'}", f"data.eval={DATA_DIR / 'eval.jsonl'}"]
+    return load_config(None, paths + list(overrides or []), base=DEMO_CONFIG)
 
 
 def score(model, tokenizer, prompts: list[dict[str, str]], max_new_tokens: int = 40) -> dict[str, Any]:
@@ -59,13 +58,13 @@ def score(model, tokenizer, prompts: list[dict[str, str]], max_new_tokens: int =
     }
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int | None = None, log=print) -> dict[str, Any]:
+def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, log=print) -> dict[str, Any]:
     """Train, then score base vs tuned on held-out prompts; results go to OUTPUT_DIR/summary.json."""
     from deltatune.generate import load_for_inference
     from deltatune.recipes import run_stage
     from deltatune.train.summary import update_summary
 
-    cfg = demo_config(output_dir, steps)
+    cfg = demo_config(output_dir, overrides)
     prompts = [r.fields for r in read_records(DATA_DIR / "heldout.jsonl")]
     log(
         "deltatune demo: teaching smollm2-135m-instruct to answer every question as "
