@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import chat_rows, write_jsonl
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def chat_rows(n: int = 32, seed: int = 0) -> list[dict]:
-    """Short user/assistant exchanges a tiny model can fit (reply = reversed word)."""
-    import random
-
-    rng = random.Random(seed)
-    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "robot", "ocean", "maple"]
-    rows = []
-    for _ in range(n):
-        word = rng.choice(words)
-        rows.append(
-            {"messages": [{"role": "user", "content": f"Reverse {word}"}, {"role": "assistant", "content": word[::-1]}]}
-        )
-    return rows
 
 
 @pytest.fixture

@@ -172,6 +172,47 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SYNONYMS = {
+    # names users bring from PEFT, transformers, LLaMA-Factory and Axolotl -> ours
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "target",
+    "lora_target": "target",
+    "use_rslora": "rslora",
+    "layers_to_transform": "layers",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "lr_scheduler_type": "schedule",
+    "lr_scheduler": "schedule",
+    "max_grad_norm": "max_grad_norm",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "logging_steps": "log_every",
+    "cutoff_len": "max_length",
+    "sequence_len": "max_length",
+    "max_seq_length": "max_length",
+    "sample_packing": "packing",
+    "dataset": "train",
+    "model_name_or_path": "model",
+    "base_model": "model",
+    "finetuning_type": "method",
+    "adapter": "method",
+}
+
+
+def _suggest(key: str, valid: Any) -> str | None:
+    synonym = SYNONYMS.get(key)
+    return synonym if synonym in valid else nearest(key, valid)
+
+
 def _check_keys(raw: Any, cls: type[BaseModel], path: str) -> None:
     """Raise ConfigError for the first unknown key, naming the nearest valid one."""
     if not isinstance(raw, dict):
@@ -181,7 +222,7 @@ def _check_keys(raw: Any, cls: type[BaseModel], path: str) -> None:
     for key, value in raw.items():
         where = f"{path}{key}"
         if key not in cls.model_fields:
-            hint = nearest(str(key), cls.model_fields)
+            hint = _suggest(str(key), cls.model_fields)
             suggestion = f"; did you mean '{hint}'?" if hint else f"; valid keys: {', '.join(cls.model_fields)}"
             raise ConfigError(f"{where}: unknown key{suggestion}")
         if cls is RunConfig and key == "delta":

@@ -101,10 +101,11 @@ class Head(SelectDelta):
         modules = self.config.modules or find_head_modules(model)
         if not modules:
             raise ConfigError("delta head: this model has no task head (classifier/score); name one in delta.modules")
-        names = []
-        for path, param in model.named_parameters(remove_duplicate=False):
-            if any(path == m or path.startswith(f"{m}.") or f".{m}." in f".{path}" for m in modules):
-                names.append(path)
+        names = [
+            path
+            for path, _ in model.named_parameters(remove_duplicate=False)
+            if any(path == m or path.startswith(f"{m}.") or f".{m}." in f".{path}" for m in modules)
+        ]
         if not names:
             raise ConfigError(f"delta head: no parameters under modules {modules}")
         return names

@@ -68,6 +68,9 @@ ALIASES: dict[str, PackagedModel | RandomModel] = {
             max_position_embeddings=1024,
             tie_word_embeddings=True,
             rope_theta=10000.0,
+            # wider than the default 0.02, so the tiny model's logits are not near-uniform and a
+            # delta can visibly fit a small task in a few dozen CPU steps
+            initializer_range=0.1,
         ),
         description="2-layer random Llama with the SmolLM2 tokenizer (tests, experiments)",
     ),

@@ -127,7 +127,7 @@ def _build_random(entry: RandomModel, task: str, tokenizer: PreTrainedTokenizerB
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    config = AutoConfig.for_model(entry.family, vocab_size=len(tokenizer), **special, **entry.config, **config_kwargs)
+    config = AutoConfig.for_model(entry.family, vocab_size=len(tokenizer), **{**special, **entry.config, **config_kwargs})
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same tiny model on every build
         return TASKS[task].from_config(config, attn_implementation="sdpa")
