@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["UserError", "ConfigError", "DataError", "TrainingError", "nearest"]
+__all__ = ["UserError", "ConfigError", "DataError", "TrainingError", "Interrupted", "nearest"]
 
 
 class UserError(Exception):
@@ -27,6 +27,14 @@ class DataError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (NaN loss, run-directory clash); the message says how to recover."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C/SIGTERM after writing a checkpoint (continue with `resume: true`)."""
+
+    def __init__(self, step: int, checkpoint) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint written to {checkpoint}. Continue with resume: true")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def nearest(word: str, choices: Iterable[str]) -> str | None:

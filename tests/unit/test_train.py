@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.config import load_config
-from deltatune.errors import TrainingError
+from deltatune.errors import Interrupted, TrainingError
 from deltatune.recipes import run_stage
-from deltatune.train.loop import Interrupted
 
 QUIET = lambda *_: None  # noqa: E731
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.errors import UserError
+from deltatune.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="deltatune",
@@ -131,8 +131,6 @@ def models() -> None:
 
 def main() -> None:
     """Entry point: run the app; user errors print a message (no traceback) and exit 2."""
-    from deltatune.train.loop import Interrupted
-
     try:
         app(standalone_mode=False)
     except UserError as exc:

@@ -24,7 +24,7 @@ from torch import nn
 from deltatune.config import TrainConfig
 from deltatune.data.loader import BatchStream
 from deltatune.deltas import DeltaSet
-from deltatune.errors import TrainingError
+from deltatune.errors import Interrupted, TrainingError
 from deltatune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from deltatune.train.logs import RunLogger
 from deltatune.train.optim import build_optimizer, build_schedule
@@ -33,14 +33,6 @@ __all__ = ["LossFn", "TrainResult", "Interrupted", "train", "evaluate", "autocas
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
 """(model, batch) -> (summed loss over the batch's units, number of units), e.g. label tokens."""
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after writing a checkpoint (resume with `resume: true`)."""
-
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint written to {checkpoint}. Continue with resume: true")
-        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass

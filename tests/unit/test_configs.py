@@ -1,0 +1,29 @@
+"""Every example config under configs/ parses, and runs a few steps with its model swapped for a tiny one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deltatune.config import load_config, read_yaml
+from deltatune.recipes import run_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+TINY = {"smollm2-135m-instruct": "tiny-llama", "minilm-l6": "tiny-bert"}
+
+
+def test_there_are_example_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_runs_briefly_on_a_tiny_model(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # data paths in the configs are relative to the repository root
+    raw = read_yaml(path)
+    overrides = [f"model={TINY.get(raw['model'], raw['model'])}", "train.max_steps=2", "train.eval_every=0",
+                 "train.save_every=0", f"output_dir={tmp_path / 'run'}"]
+    cfg = load_config(path, overrides)
+    summary = run_stage(cfg, lambda *_: None)
+    assert summary["steps"] == 2
