@@ -27,3 +27,11 @@ def test_config_runs_briefly_on_a_tiny_model(path, tmp_path, monkeypatch):
     cfg = load_config(path, overrides)
     summary = run_stage(cfg, lambda *_: None)
     assert summary["steps"] == 2
+
+
+def test_readme_config_reference_is_current():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/config_reference.py"), "--check"], capture_output=True)
+    assert result.returncode == 0, "README config reference is stale: run python scripts/config_reference.py"

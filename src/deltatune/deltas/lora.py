@@ -102,7 +102,7 @@ class LoraLinear(DeltaLayer):
 
 
 class Lora(Delta):
-    """LoRA over every targeted `nn.Linear` (see module docstring)."""
+    """Low-rank adaptation (Hu et al. 2021): a trainable update (alpha/r)·B·A beside each targeted Linear; mergeable."""
 
     config_class = LoraConfig
     mergeable = True
