@@ -120,3 +120,16 @@ def test_two_named_lora_adapters_share_wrappers(tiny_llama):
     with deltas[0].disabled(), deltas[1].disabled():
         torch.testing.assert_close(_logits(model), base)
     assert not torch.allclose(_logits(model), base)
+
+
+def test_public_api_round_trip(tmp_path):
+    import deltatune
+
+    model, tokenizer = deltatune.load_model("tiny-llama")
+    deltas = deltatune.attach(model, deltatune.LoraConfig(r=2, target=["q_proj"]))
+    _randomise(deltas)
+    deltatune.save_deltas(deltas, tmp_path / "a", base_model="tiny-llama")
+    loaded, _, again = deltatune.load_for_inference(None, tmp_path / "a", merge=True)
+    model.eval()
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=1e-5)
+    assert again[0].merged and deltatune.generate(loaded, tokenizer, ["hi"], max_new_tokens=2)[0] is not None
