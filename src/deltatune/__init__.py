@@ -25,8 +25,8 @@ _API = {
     "RunConfig": "deltatune.config",
     "save_deltas": "deltatune.export.peft_format",
     "load_deltas": "deltatune.export.peft_format",
-    "generate": "deltatune.generate",
-    "load_for_inference": "deltatune.generate",
+    "generate": "deltatune.inference",
+    "load_for_inference": "deltatune.inference",
 }
 
 __all__ = [*_API, "run"]

@@ -6,7 +6,7 @@ import pytest
 
 from deltatune.data import build_sft_data, eval_batches
 from deltatune.demo import demo_config
-from deltatune.generate import generate
+from deltatune.inference import generate
 from deltatune.models import load_model
 from deltatune.objectives.clm import lm_loss
 from deltatune.recipes import run_stage

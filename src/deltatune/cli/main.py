@@ -62,8 +62,8 @@ def generate(
 ) -> None:
     """Generate a reply to PROMPT (greedy by default; the chat template is applied for chat models)."""
     _quiet_libraries()
-    from deltatune.generate import generate as run_generate
-    from deltatune.generate import load_for_inference
+    from deltatune.inference import generate as run_generate
+    from deltatune.inference import load_for_inference
 
     lm, tokenizer, _ = load_for_inference(model, adapter)
     (reply,) = run_generate(lm, tokenizer, [prompt], max_new_tokens, system, sample, temperature, top_p)
@@ -82,8 +82,8 @@ def chat(
     _quiet_libraries()
     from transformers import TextStreamer
 
-    from deltatune.generate import generate as run_generate
-    from deltatune.generate import load_for_inference
+    from deltatune.inference import generate as run_generate
+    from deltatune.inference import load_for_inference
 
     lm, tokenizer, _ = load_for_inference(model, adapter)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -47,7 +47,7 @@ def demo_config(output_dir: str = "runs/demo", overrides: list[str] | None = Non
 
 def score(model, tokenizer, prompts: list[dict[str, str]], max_new_tokens: int = 40) -> dict[str, Any]:
     """Greedy replies to the held-out prompts, with the format and answer scores."""
-    from deltatune.generate import generate
+    from deltatune.inference import generate
 
     replies = generate(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens)
     marks = [score_reply(r, p["category"], p["answer"]) for r, p in zip(replies, prompts, strict=True)]
@@ -60,7 +60,7 @@ def score(model, tokenizer, prompts: list[dict[str, str]], max_new_tokens: int =
 
 def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, log=print) -> dict[str, Any]:
     """Train, then score base vs tuned on held-out prompts; results go to OUTPUT_DIR/summary.json."""
-    from deltatune.generate import load_for_inference
+    from deltatune.inference import load_for_inference
     from deltatune.recipes import run_stage
     from deltatune.train.summary import update_summary
 
