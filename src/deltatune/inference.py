@@ -13,13 +13,20 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from deltatune.data.tokenize import render_chat
+from deltatune.data.tokenize import CHATML_TEMPLATE, chat_template_of, render_chat
 from deltatune.deltas import DeltaSet
 from deltatune.errors import UserError
 from deltatune.export.peft_format import load_deltas, read_adapter_config
 from deltatune.models import load_model
 
-__all__ = ["resolve_adapter_dir", "load_for_inference", "build_prompt", "generate"]
+__all__ = ["TEMPLATE_FILE", "resolve_adapter_dir", "load_for_inference", "build_prompt", "generate", "save_chat_template"]
+
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def save_chat_template(tokenizer: PreTrainedTokenizerBase, adapter_dir: str | Path) -> None:
+    """Store the chat template training used beside the adapter (read back by load_for_inference)."""
+    (Path(adapter_dir) / TEMPLATE_FILE).write_text(chat_template_of(tokenizer))
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:
@@ -45,6 +52,9 @@ def load_for_inference(
             raise UserError(f"{adapter_dir}/adapter_config.json names no base model; give --model")
     base, tokenizer = load_model(model)
     deltas = load_deltas(base, adapter_dir) if adapter_dir else None
+    template = adapter_dir / TEMPLATE_FILE if adapter_dir else None
+    if template is not None and template.is_file():
+        tokenizer.chat_template = template.read_text()  # the template the adapter was trained with
     if deltas is not None and merge and all(d.mergeable for d in deltas):
         deltas.merge()
     base.eval()
@@ -85,8 +95,12 @@ def generate(
             chunk = texts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+            # A model trained with the ChatML fallback ends its turns with <|im_end|>, which may be
+            # plain text (not EOS) for its tokenizer: stop there too.
+            stops = {"stop_strings": ["<|im_end|>"], "tokenizer": tokenizer} if tokenizer.chat_template == CHATML_TEMPLATE else {}
             out = model.generate(
                 **enc,
+                **stops,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,

@@ -76,3 +76,29 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"resumed from {checkpoint}" in result.stdout
     assert os.path.isfile(run / f"checkpoints/step-{step + 1}/state.pt")
+
+
+def test_inference_uses_the_template_training_used(tmp_path):
+    from deltatune.data.tokenize import CHATML_TEMPLATE
+    from deltatune.deltas import LoraConfig, attach
+    from deltatune.export.peft_format import save_deltas
+    from deltatune.inference import build_prompt, generate, load_for_inference, save_chat_template
+    from deltatune.models import load_model
+
+    model, tokenizer = load_model("tiny-llama")
+    tokenizer.chat_template = None  # a base model without a chat template: training used ChatML
+    save_deltas(attach(model, LoraConfig(r=2)), tmp_path / "a", base_model="tiny-llama")
+    save_chat_template(tokenizer, tmp_path / "a")
+    loaded, tok, _ = load_for_inference(None, tmp_path / "a")
+    assert tok.chat_template == CHATML_TEMPLATE
+    assert build_prompt(tok, "hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert isinstance(generate(loaded, tok, ["hi"], max_new_tokens=3)[0], str)
+
+
+def test_chat_session(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows(8))
+    (tmp_path / "cfg.yaml").write_text(f"model: tiny-llama\ndata: {{train: {data}, max_length: 48}}\ntrain: {{max_steps: 1, batch_size: 4}}\n")
+    assert deltatune("train", str(tmp_path / "cfg.yaml"), f"output_dir={tmp_path / 'run'}").returncode == 0
+    result = deltatune("chat", "--adapter", str(tmp_path / "run"), "--max-new-tokens", "3", input="Reverse apple\n/reset\nhello\n\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model> ") == 2

@@ -21,7 +21,7 @@ def test_run_directory_holds_everything(tiny_config, tmp_path):
     cfg = tiny_config("train.eval_every=2", "train.save_every=2")
     summary = run_stage(cfg, QUIET)
     run = tmp_path / "run"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter/adapter_config.json",
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter/adapter_config.json", "adapter/chat_template.jinja",
                  "adapter/adapter_model.safetensors", "checkpoints/step-4/state.pt"):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())

@@ -17,7 +17,15 @@ from transformers import PreTrainedTokenizerBase
 
 from deltatune.errors import DataError
 
-__all__ = ["IGNORE", "Tokenized", "render_chat", "tokenize_conversation", "tokenize_text", "CHATML_TEMPLATE"]
+__all__ = [
+    "IGNORE",
+    "Tokenized",
+    "render_chat",
+    "chat_template_of",
+    "tokenize_conversation",
+    "tokenize_text",
+    "CHATML_TEMPLATE",
+]
 
 IGNORE = -100
 """Label value that the loss skips."""
@@ -43,15 +51,21 @@ class Tokenized:
         return sum(1 for label in self.labels[1:] if label != IGNORE)
 
 
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The template conversations are rendered with: the tokenizer's own, else ChatML. Runs save it
+    beside the adapter (`chat_template.jinja`) so inference renders prompts exactly as training did."""
+    return tokenizer.chat_template or CHATML_TEMPLATE
+
+
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
 ) -> str:
-    """The conversation as text, through the tokenizer's chat template (ChatML if it has none)."""
+    """The conversation as text, through `chat_template_of(tokenizer)`."""
     return tokenizer.apply_chat_template(
         list(messages),
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
-        chat_template=tokenizer.chat_template or CHATML_TEMPLATE,
+        chat_template=chat_template_of(tokenizer),
     )
 
 

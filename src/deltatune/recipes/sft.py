@@ -17,6 +17,7 @@ from deltatune.config import RunConfig, config_to_yaml
 from deltatune.data import BatchStream, build_sft_data, eval_batches
 from deltatune.deltas import attach
 from deltatune.export.peft_format import save_deltas
+from deltatune.inference import save_chat_template
 from deltatune.models import load_model, load_tokenizer
 from deltatune.objectives.clm import count_label_tokens, lm_loss
 from deltatune.train.logs import plot_losses
@@ -69,6 +70,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     # --- save ------------------------------------------------------------------------------------
     adapter_dir = save_deltas(deltas, run_dir / "adapter", base_model=cfg.model)
+    save_chat_template(tokenizer, adapter_dir)
     plot_losses(run_dir)
     summary = update_summary(
         run_dir,
