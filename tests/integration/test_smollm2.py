@@ -23,7 +23,7 @@ def test_packaged_model_answers_like_the_original():
 
 
 def test_short_lora_run_lowers_eval_loss(tmp_path):
-    cfg = demo_config(str(tmp_path / "run"), ["train.max_steps=4", "train.eval_every=0", "train.save_every=0", "train.warmup=0"])
+    cfg = demo_config(str(tmp_path / "run"), ["train.max_steps=4", "data.max_length=256", "train.eval_every=0", "train.save_every=0", "train.warmup=0"])
     model, tokenizer = load_model(cfg.model)
     _, eval_rows, _ = build_sft_data(cfg.data, tokenizer)
     before = evaluate(model, eval_batches(eval_rows, 8, tokenizer.pad_token_id), lm_loss, model.device)
