@@ -39,7 +39,7 @@ from deltatune.train.checkpoint import (
 )
 from deltatune.train.logs import RunLogger
 from deltatune.train.optim import build_optimizer, build_schedule
-from deltatune.train.parallel import Parallel, call, wrap
+from deltatune.train.parallel import Parallel, call, is_sharded, wrap
 
 __all__ = ["LossFn", "TrainResult", "Interrupted", "train", "evaluate", "autocast_for", "resolve_device", "total_steps"]
 
@@ -163,7 +163,7 @@ def evaluate(
         mine += 1
     # FSDP gathers parameters inside every forward: all ranks must run as many forwards, so a
     # rank with one batch fewer runs a throw-away one.
-    for _ in range(-(-seen // world) - mine):
+    for _ in range(-(-seen // world) - mine if is_sharded(model) else 0):
         with autocast():
             call(model, loss_fn, _to(first, device))
     total, count = dist.all_reduce_sum([total, count])
@@ -238,8 +238,7 @@ def train(
     rank, world = dist.rank(), dist.world_size()
     stream.shard(rank, world)
     parallel = wrap(model, deltas, cfg.distributed, device)
-    params = parallel.params
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(parallel.params, cfg)
     steps = total_steps(cfg, stream.batches_per_epoch)
     schedule = build_schedule(optimizer, cfg, steps)
     result = TrainResult()
