@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import chat_rows, write_jsonl
 
 from deltatune.config import load_config
 from deltatune.data.collate import Row
@@ -32,6 +31,7 @@ from deltatune.models.aliases import ALIASES
 from deltatune.recipes import run_stage
 from deltatune.train.checkpoint import checkpoints, load_checkpoint
 from deltatune.train.logs import read_metrics
+from tests.helpers import chat_rows, write_jsonl
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
