@@ -53,13 +53,10 @@ class Parallel:
     def __init__(self, model: nn.Module, deltas: DeltaSet, mode: Mode, root: nn.Module | None) -> None:
         self.model, self.deltas, self.mode, self.root = model, deltas, mode, root
         self.names = [name for name, _ in deltas.named_parameters()]
-
-    @property
-    def params(self) -> list[tuple[str, nn.Parameter]]:
-        """The trainable parameters as the model holds them now (FSDP replaces them by sharded
-        DTensors, so they are looked up by name rather than taken from the deltas' own lists)."""
-        live = dict(self.model.named_parameters(remove_duplicate=False))
-        return [(name, live[name]) for name in self.names]
+        # The trainable parameters as the model holds them after wrapping: FSDP replaces them by
+        # sharded DTensors, so they are looked up by name rather than taken from the deltas' lists.
+        live = dict(model.named_parameters(remove_duplicate=False))
+        self.params: list[tuple[str, nn.Parameter]] = [(name, live[name]) for name in self.names]
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(model, *args)`, through the wrapper's forward when there is one."""
