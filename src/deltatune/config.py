@@ -95,6 +95,14 @@ class TrainConfig(StrictModel):
     bf16 on a GPU that supports it and fp32 otherwise."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` picks CUDA when available."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (`deltatune train --nproc N`, or torchrun): `ddp` keeps a full copy of
+    the model on every process and averages gradients; `fsdp` (FSDP2) shards base and delta
+    parameters, gradients and optimizer state over the processes, for models that do not fit one
+    device. The global batch is batch_size x grad_accum x processes. Ignored in one process."""
+    dist_timeout: int = Field(600, ge=1)
+    """Seconds a process waits for the others at a synchronisation point before the job fails
+    (a rank that crashed or hangs then stops the whole job instead of blocking it)."""
 
 
 class RunConfig(StrictModel):

@@ -18,6 +18,7 @@ from deltatune.deltas import DeltaSet
 from deltatune.errors import UserError
 from deltatune.export.peft_format import load_deltas, read_adapter_config
 from deltatune.models import load_model
+from deltatune.train.parallel import call, is_sharded
 
 __all__ = ["TEMPLATE_FILE", "resolve_adapter_dir", "load_for_inference", "build_prompt", "generate", "save_chat_template"]
 
@@ -98,17 +99,24 @@ def generate(
             # A model trained with the ChatML fallback ends its turns with <|im_end|>, which may be
             # plain text (not EOS) for its tokenizer: stop there too.
             stops = {"stop_strings": ["<|im_end|>"], "tokenizer": tokenizer} if tokenizer.chat_template == CHATML_TEMPLATE else {}
-            out = model.generate(
-                **enc,
+            # A model sharded by FSDP generates through its root (which gathers the weights), in
+            # step with the other ranks until all are done (synced_gpus).
+            options = {
                 **stops,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                streamer=streamer,
+                "max_new_tokens": max_new_tokens,
+                "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "streamer": streamer,
+                "synced_gpus": is_sharded(model),
                 **sampling,
-            )
+            }
+            out = call(model, _generate, dict(enc), options)
             new = out[:, enc["input_ids"].shape[1] :]
             outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], options: dict) -> torch.Tensor:
+    return model.generate(**inputs, **options)

@@ -38,11 +38,18 @@ def _quiet_libraries() -> None:
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides as dotted key=value, e.g. train.lr=1e-4.")] = None,
+    nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (one per GPU); starts torchrun.")] = 1,
 ) -> None:
-    """Train with a config: deltatune train CONFIG.yaml [key.sub=value ...]."""
+    """Train with a config: deltatune train CONFIG.yaml [key.sub=value ...] [--nproc N]."""
     from deltatune.config import load_config
 
     cfg = load_config(config, overrides or [])
+    if nproc > 1:
+        from deltatune.train.dist import launch, launched_by_torchrun
+
+        if launched_by_torchrun():
+            raise UserError("--nproc starts torchrun itself; under torchrun leave it out")
+        sys.exit(launch(nproc, ["train", str(config), *(overrides or [])]))
     _quiet_libraries()
     from deltatune.recipes import run_stage
 
@@ -131,13 +138,16 @@ def models() -> None:
 
 def main() -> None:
     """Entry point: run the app; user errors print a message (no traceback) and exit 2."""
+    # Under torchrun every rank prints: say which one.
+    who = f"rank {os.environ.get('RANK')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"{who}error: {exc}", fg=typer.colors.RED, err=True)
+        _record_for_torchrun(exc)
         sys.exit(2)
     except Interrupted as exc:
-        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"{who}{exc}", fg=typer.colors.YELLOW, err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
@@ -150,4 +160,14 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
+        _record_for_torchrun(exc)
         raise
+
+
+def _record_for_torchrun(exc: BaseException) -> None:
+    """Under torchrun, write the error where the launcher reads it, so its failure summary shows
+    this rank's message (not only an exit code)."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)

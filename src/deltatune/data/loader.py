@@ -3,7 +3,8 @@
 The order of an epoch is a permutation drawn from (seed, epoch) alone, so a run resumed from
 `{"epoch": e, "index": i}` sees exactly the batches an uninterrupted run would have seen. With
 several processes, each rank takes every `world_size`-th batch-sized slice of the permutation,
-so ranks never overlap and together cover the epoch.
+so ranks never overlap and together cover the epoch. The saved position also counts the rows of
+the epoch consumed by all ranks together, so a run can resume with another number of processes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from deltatune.data.collate import Row, collate
+from deltatune.errors import DataError, TrainingError
 
 __all__ = ["BatchStream"]
 
@@ -47,6 +49,15 @@ class BatchStream:
         """Micro-batches each rank takes per epoch."""
         return len(self.rows) // (self.batch_size * self.world_size)
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Take rank `rank`'s share of every epoch from now on (a no-op when already sharded so)."""
+        if (rank, world_size) == (self.rank, self.world_size):
+            return
+        if len(self.rows) < world_size:
+            raise DataError(f"{len(self.rows)} training rows cannot be shared by {world_size} processes")
+        self.batch_size = min(self.batch_size, len(self.rows) // world_size)
+        self.rank, self.world_size = rank, world_size
+
     def _order(self, epoch: int) -> list[int]:
         if self._order_cache[0] != epoch:
             if self.shuffle:
@@ -69,10 +80,20 @@ class BatchStream:
         return collate([self.rows[i] for i in order[start : start + self.batch_size]], self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        """The position; `rows` (of this epoch, all ranks together) does not depend on the world size."""
+        return {"epoch": self.epoch, "index": self.index, "rows": self.index * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if "rows" in state:
+            per_index = self.batch_size * self.world_size
+            if state["rows"] % per_index:
+                raise TrainingError(
+                    f"the checkpoint stopped {state['rows']} rows into epoch {self.epoch}, which is not a whole number "
+                    f"of micro-batches of batch_size x processes = {per_index}; resume with a batch size and "
+                    "number of processes whose product divides it (e.g. the ones that wrote it)"
+                )
+            self.index = int(state["rows"]) // per_index
 
 
 def eval_batches(rows: Sequence[Row], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from deltatune.deltas import DeltaSet, attach
 from deltatune.deltas.base import Delta
@@ -63,25 +63,33 @@ def _write_atomic_dir(target: Path, fill) -> None:
         raise
 
 
-def _save_one(delta: Delta, directory: Path, base_model: str, task_type: str | None) -> None:
+def _save_one(
+    delta: Delta, directory: Path, base_model: str, task_type: str | None, weights: dict[str, Tensor] | None = None
+) -> None:
     config = {**delta.peft_config(), "base_model_name_or_path": base_model, "task_type": task_type, "inference_mode": True}
-    tensors = {delta.peft_key(name): t.detach().to("cpu").contiguous() for name, t in delta.state_dict().items()}
+    state = delta.state_dict() if weights is None else {name: weights[name] for name, _ in delta.named_parameters()}
+    tensors = {delta.peft_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_deltas(deltas: DeltaSet, directory: str | Path, base_model: str) -> Path:
-    """Write every delta of `deltas` under `directory` (atomically) and return the path."""
+def save_deltas(
+    deltas: DeltaSet, directory: str | Path, base_model: str, weights: dict[str, Tensor] | None = None
+) -> Path:
+    """Write every delta of `deltas` under `directory` (atomically) and return the path.
+
+    `weights` (full tensors by in-memory name) replaces the deltas' own values, e.g. when they are
+    FSDP shards gathered by `deltatune.train.parallel.delta_weights`."""
     directory = Path(directory)
     task_type = peft_task_type(deltas.model)
 
     def fill(tmp: Path) -> None:
-        _save_one(deltas[0], tmp, base_model, task_type)
+        _save_one(deltas[0], tmp, base_model, task_type, weights)
         extra = []
         for i, delta in enumerate(deltas.deltas[1:], start=1):
             sub = f"{i}-{delta.config.method}"
             (tmp / sub).mkdir()
-            _save_one(delta, tmp / sub, base_model, task_type)
+            _save_one(delta, tmp / sub, base_model, task_type, weights)
             extra.append(sub)
         if extra:
             (tmp / MANIFEST_NAME).write_text(json.dumps({"also": extra}, indent=2) + "\n")

@@ -20,8 +20,10 @@ from deltatune.export.peft_format import save_deltas
 from deltatune.inference import save_chat_template
 from deltatune.models import load_model, load_tokenizer
 from deltatune.objectives.clm import count_label_tokens, lm_loss
+from deltatune.train.dist import is_main, world_size
 from deltatune.train.logs import plot_losses
 from deltatune.train.loop import autocast_for, evaluate, resolve_device, train
+from deltatune.train.parallel import delta_weights
 from deltatune.train.rundir import prepare_run_dir
 from deltatune.train.summary import peak_memory_bytes, update_summary
 
@@ -68,26 +70,28 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         log=log,
     )
 
-    # --- save ------------------------------------------------------------------------------------
-    adapter_dir = save_deltas(deltas, run_dir / "adapter", base_model=cfg.model)
+    # --- save (rank 0 writes; under FSDP every rank first joins in gathering the weights) --------
+    weights = delta_weights(model, deltas)
+    values = {
+        "model": cfg.model,
+        "stage": cfg.stage,
+        "methods": [d.config.method for d in deltas],
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": result.step,
+        "final_loss": result.final_loss,
+        "final_eval_loss": result.final_eval_loss,
+        "train_tokens": result.train_tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "wall_s": result.wall_s,
+        "processes": world_size(),
+    }
+    if not is_main():
+        return values
+    adapter_dir = save_deltas(deltas, run_dir / "adapter", base_model=cfg.model, weights=weights)
     save_chat_template(tokenizer, adapter_dir)
     plot_losses(run_dir)
-    summary = update_summary(
-        run_dir,
-        {
-            "model": cfg.model,
-            "stage": cfg.stage,
-            "methods": [d.config.method for d in deltas],
-            "trainable_params": trainable,
-            "total_params": total,
-            "steps": result.step,
-            "final_loss": result.final_loss,
-            "final_eval_loss": result.final_eval_loss,
-            "train_tokens": result.train_tokens,
-            "tokens_per_s": result.tokens_per_s,
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "wall_s": result.wall_s,
-        },
-    )
+    summary = update_summary(run_dir, values)
     log(f"saved the adapter to {adapter_dir}; summary in {run_dir / 'summary.json'}")
     return summary

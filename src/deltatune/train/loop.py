@@ -4,6 +4,10 @@ One optimizer step = `grad_accum` micro-batches. The loss of each micro-batch is
 label tokens divided by the label tokens of the whole step, so accumulating 4 micro-batches of 2
 gives the same gradient as one batch of 8. The loop evaluates, checkpoints, stops cleanly on
 Ctrl-C/SIGTERM (after writing a checkpoint) and refuses to step on a NaN/inf loss.
+
+Under torchrun the same loop runs on every rank (train/dist.py, train/parallel.py): each rank takes
+its share of every step's micro-batches, the unit count is summed over ranks before the backward
+passes, gradients are synchronised only on the last micro-step, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -25,9 +29,17 @@ from deltatune.config import TrainConfig
 from deltatune.data.loader import BatchStream
 from deltatune.deltas import DeltaSet
 from deltatune.errors import Interrupted, TrainingError
-from deltatune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from deltatune.train import dist
+from deltatune.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from deltatune.train.logs import RunLogger
 from deltatune.train.optim import build_optimizer, build_schedule
+from deltatune.train.parallel import Parallel, call, is_sharded, wrap
 
 __all__ = ["LossFn", "TrainResult", "Interrupted", "train", "evaluate", "autocast_for", "resolve_device", "total_steps"]
 
@@ -48,10 +60,13 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device to train on; under torchrun each rank takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("train.device is cuda but no CUDA device is available; use device: cpu or auto")
+    if name == "cuda" and dist.is_distributed():
+        return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
 
@@ -128,17 +143,74 @@ def evaluate(
     device: torch.device,
     autocast=nullcontext,
 ) -> float:
-    """Mean loss per unit over `batches`, streamed (no logits are kept)."""
+    """Mean loss per unit over `batches`, streamed (no logits are kept).
+
+    Under torchrun each rank takes every world_size-th batch and the sums are added over ranks,
+    so the result is the single-process one (up to float summation order).
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
+    rank, world = dist.rank(), dist.world_size()
+    total, count, mine, seen, first = 0.0, 0, 0, 0, None
+    for seen, batch in enumerate(batches, start=1):
+        first = batch if first is None else first
+        if (seen - 1) % world != rank:
+            continue
         with autocast():
-            loss_sum, n = loss_fn(model, _to(batch, device))
+            loss_sum, n = call(model, loss_fn, _to(batch, device))
         total += float(loss_sum)
         count += n
+        mine += 1
+    # FSDP gathers parameters inside every forward: all ranks must run as many forwards, so a
+    # rank with one batch fewer runs a throw-away one.
+    for _ in range(-(-seen // world) - mine if is_sharded(model) else 0):
+        with autocast():
+            call(model, loss_fn, _to(first, device))
+    total, count = dist.all_reduce_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _restore(
+    checkpoint: Path, parallel: Parallel, optimizer: torch.optim.Optimizer, schedule: Any, stream: BatchStream
+) -> tuple[int, int]:
+    """Load a checkpoint (written with any number of processes) into this rank; (step, train tokens)."""
+    weights, optim_state, state = load_checkpoint(checkpoint)
+    parallel.load_weights(weights)
+    parallel.load_optimizer_state(optimizer, optim_state)
+    schedule.load_state_dict(state["schedule"])
+    stream.load_state_dict(state["stream"])
+    per_rank = state.get("rng_ranks") or [state["rng"]]
+    rank = dist.rank()
+    set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
+    if rank >= len(per_rank):  # more ranks than wrote the checkpoint: give this one its own dropout masks
+        torch.manual_seed(state["step"] * 1009 + rank)
+    return state["step"], state["train_tokens"]
+
+
+def _write_checkpoint(
+    run_dir: Path,
+    step: int,
+    parallel: Parallel,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    stream: BatchStream,
+    train_tokens: int,
+    cfg: TrainConfig,
+) -> Path:
+    """Rank 0 writes one checkpoint in the single-process format (full tensors); under FSDP every
+    rank first joins in gathering the shards. Returns once the checkpoint is complete."""
+    weights = parallel.weights()
+    optim_state = parallel.optimizer_state(optimizer)
+    rngs = dist.gather_objects(rng_state())
+    state: dict[str, Any] = {"schedule": schedule.state_dict(), "stream": stream.state_dict(), "train_tokens": train_tokens}
+    if len(rngs) > 1:
+        state["rng_ranks"] = rngs
+    path = Path(run_dir) / "checkpoints" / f"step-{step}"
+    if dist.is_main():
+        path = save_checkpoint(run_dir, step, weights, optim_state, state, keep=cfg.keep_checkpoints)
+    dist.barrier()
+    return path
 
 
 def train(
@@ -163,32 +235,29 @@ def train(
     device = next(model.parameters()).device
     check_precision(cfg, device)
     autocast = lambda: autocast_for(cfg, device)  # noqa: E731
-    params = list(deltas.named_parameters())
-    optimizer = build_optimizer(params, cfg)
+    rank, world = dist.rank(), dist.world_size()
+    stream.shard(rank, world)
+    parallel = wrap(model, deltas, cfg.distributed, device)
+    optimizer = build_optimizer(parallel.params, cfg)
     steps = total_steps(cfg, stream.batches_per_epoch)
     schedule = build_schedule(optimizer, cfg, steps)
     result = TrainResult()
+    if world > 1:
+        torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks (weights are already set)
 
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        weights, optim_state, state = load_checkpoint(checkpoint)
-        deltas.load_state_dict(weights)
-        optimizer.load_state_dict(optim_state)
-        schedule.load_state_dict(state["schedule"])
-        stream.load_state_dict(state["stream"])
-        set_rng_state(state["rng"])
-        start, result.train_tokens = state["step"], state["train_tokens"]
+        start, result.train_tokens = _restore(checkpoint, parallel, optimizer, schedule, stream)
         result.step = start
         log(f"resumed from {checkpoint} (step {start} of {steps})")
     elif resume:
         log(f"resume: no checkpoint in {run_dir}; starting from step 0")
 
     def write_checkpoint(step: int) -> Path:
-        state = {"schedule": schedule.state_dict(), "stream": stream.state_dict(), "train_tokens": result.train_tokens}
-        return save_checkpoint(run_dir, step, deltas.state_dict(), optimizer, state, keep=cfg.keep_checkpoints)
+        return _write_checkpoint(run_dir, step, parallel, optimizer, schedule, stream, result.train_tokens, cfg)
 
-    logger = RunLogger(run_dir, steps, start)
+    logger = RunLogger(run_dir, steps, start, enabled=dist.is_main())
     model.train()
     started = time.perf_counter()
     session_tokens = 0
@@ -197,14 +266,19 @@ def train(
             for step in range(start + 1, steps + 1):
                 step_started = time.perf_counter()
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
-                units = sum(count_fn(b) for b in micro)
+                (units,) = dist.all_reduce_sum([sum(count_fn(b) for b in micro)])
                 loss_total = 0.0
-                for batch in micro:
+                for i, batch in enumerate(micro):
                     batch = _to(batch, device)
-                    with autocast():
-                        loss_sum, _ = loss_fn(model, batch)
-                    (loss_sum / max(units, 1)).backward()
+                    with parallel.sync_gradients(i == len(micro) - 1), dist.guard("the gradient exchange"):
+                        with autocast():
+                            loss_sum, _ = parallel(loss_fn, batch)
+                        # DDP and FSDP average gradients over ranks; scaling by `world` makes that the
+                        # gradient of (summed loss of all ranks) / (units of all ranks).
+                        (loss_sum * world / max(units, 1)).backward()
                     loss_total += float(loss_sum.detach())
+                tokens = sum(_input_tokens(b) for b in micro)
+                loss_total, tokens, stopping = dist.all_reduce_sum([loss_total, tokens, stop["stop"]])
                 loss = loss_total / max(units, 1)
                 if not math.isfinite(loss):
                     last = latest_checkpoint(run_dir)
@@ -213,17 +287,13 @@ def train(
                         f"Last good checkpoint: {last or 'none'}. Try a lower train.lr, train.precision: fp32, "
                         "or check the data for empty or extreme examples."
                     )
-                grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm))
-                    if cfg.max_grad_norm
-                    else None
-                )
+                grad_norm = parallel.clip_grad_norm(cfg.max_grad_norm) if cfg.max_grad_norm else None
                 lr = schedule.get_last_lr()[0]
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
 
-                tokens = sum(_input_tokens(b) for b in micro)
+                tokens = int(tokens)
                 session_tokens += tokens
                 result.train_tokens += tokens
                 tokens_per_s = tokens / max(time.perf_counter() - step_started, 1e-9)
@@ -239,7 +309,7 @@ def train(
                 logger.progress(loss, lr, tokens_per_s)
                 result.step, result.final_loss = step, loss
 
-                if stop["stop"]:
+                if stopping:
                     raise Interrupted(step, write_checkpoint(step))
                 if cfg.save_every and step % cfg.save_every == 0 and step != steps:
                     write_checkpoint(step)

@@ -10,6 +10,7 @@ import yaml
 
 from deltatune.config import RunConfig, config_to_yaml
 from deltatune.errors import TrainingError
+from deltatune.train import dist
 from deltatune.train.checkpoint import latest_checkpoint
 
 __all__ = ["prepare_run_dir"]
@@ -40,7 +41,13 @@ def _truncate_metrics(run_dir: Path, last_step: int) -> None:
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create/validate `cfg.output_dir` and write the resolved config to its config.yaml."""
+    """Create/validate `cfg.output_dir` and write the resolved config to its config.yaml.
+
+    Under torchrun rank 0 does this while the others wait; its errors stop every rank."""
+    return dist.on_main(lambda: _prepare(cfg))
+
+
+def _prepare(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.output_dir)
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if occupied and cfg.resume:
