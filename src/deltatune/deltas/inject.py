@@ -56,7 +56,7 @@ def find_targets(
     layers: Sequence[int] | None = None,
 ) -> list[str]:
     """Paths of the modules of `module_types` in `model` that `target` selects (see module doc)."""
-    from deltatune.deltas.layer import DeltaLayer
+    from deltatune.deltas.layer import DeltaLayer, innermost
 
     found, wrappers = [], []
     for path, module in model.named_modules():
@@ -64,7 +64,7 @@ def find_targets(
             continue  # inside a wrapper: its base layer is matched through the wrapper's path
         if isinstance(module, DeltaLayer):
             wrappers.append(path)
-            module = module.base_layer
+            module = innermost(module)
         if not path or not isinstance(module, module_types):
             continue
         if target == "all-linear":
