@@ -62,6 +62,20 @@ class DeltaSet:
         for delta in self.deltas:
             delta.load_state_dict({k: state[k] for k, _ in delta.named_parameters() if k in state})
 
+    # ---- training hooks (see Delta) -------------------------------------------------------------
+    def on_step(self, step: int) -> None:
+        for delta in self.deltas:
+            delta.on_step(step)
+
+    def regularizer(self) -> torch.Tensor | None:
+        """The sum of the deltas' loss terms (None when no delta has one)."""
+        terms = [term for delta in self.deltas if (term := delta.regularizer()) is not None]
+        return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
+
+    def on_train_end(self) -> None:
+        for delta in self.deltas:
+            delta.on_train_end()
+
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Within the block the model computes as the base model."""

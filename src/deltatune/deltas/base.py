@@ -54,6 +54,8 @@ class Delta(abc.ABC):
     """Whether `merge()` can fold the delta into the base weights exactly."""
     peft_type: ClassVar[str | None] = None
     """PEFT's name for the method when PEFT also has it (on-disk `peft_type`)."""
+    saves_model: ClassVar[bool] = False
+    """Whether a run with this delta also writes a full model directory (`full` does)."""
 
     def __init__(self, config: DeltaConfig, name: str = "default") -> None:
         self.config = config

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from deltatune.deltas.base import Delta, DeltaConfig
+from deltatune.deltas.bitfit import Bitfit
+from deltatune.deltas.diffprune import DiffPrune
+from deltatune.deltas.freezing import Freeze
+from deltatune.deltas.full import Full
+from deltatune.deltas.ia3 import IA3
 from deltatune.deltas.lora import Lora
 from deltatune.deltas.select import Head
 from deltatune.errors import ConfigError, nearest
@@ -12,6 +17,11 @@ __all__ = ["METHODS", "delta_class", "delta_config_class", "delta_class_for_peft
 METHODS: dict[str, type[Delta]] = {
     "lora": Lora,
     "head": Head,
+    "full": Full,
+    "freeze": Freeze,
+    "bitfit": Bitfit,
+    "ia3": IA3,
+    "diffprune": DiffPrune,
 }
 
 

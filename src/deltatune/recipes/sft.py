@@ -16,7 +16,7 @@ import torch
 from deltatune.config import RunConfig, config_to_yaml
 from deltatune.data import BatchStream, build_sft_data, eval_batches
 from deltatune.deltas import attach
-from deltatune.export.peft_format import save_deltas
+from deltatune.export.outputs import save_outputs
 from deltatune.inference import save_chat_template
 from deltatune.models import load_model, load_tokenizer
 from deltatune.objectives.clm import count_label_tokens, lm_loss
@@ -89,9 +89,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     }
     if not is_main():
         return values
-    adapter_dir = save_deltas(deltas, run_dir / "adapter", base_model=cfg.model, weights=weights)
-    save_chat_template(tokenizer, adapter_dir)
+    saved = save_outputs(deltas, run_dir, cfg.model, tokenizer, log, weights=weights)  # adapter/ (+ model/ for full)
+    save_chat_template(tokenizer, saved["adapter"])
     plot_losses(run_dir)
     summary = update_summary(run_dir, values)
-    log(f"saved the adapter to {adapter_dir}; summary in {run_dir / 'summary.json'}")
+    log(f"saved {' and '.join(str(p) for p in saved.values())}; summary in {run_dir / 'summary.json'}")
     return summary

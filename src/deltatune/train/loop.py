@@ -265,17 +265,24 @@ def train(
         with _stop_on_signals() as stop:
             for step in range(start + 1, steps + 1):
                 step_started = time.perf_counter()
+                deltas.on_step(step)  # e.g. gradual unfreezing: a pure function of the step, so resume is exact
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 (units,) = dist.all_reduce_sum([sum(count_fn(b) for b in micro)])
-                loss_total = 0.0
+                loss_total, regularizer = 0.0, None
                 for i, batch in enumerate(micro):
                     batch = _to(batch, device)
-                    with parallel.sync_gradients(i == len(micro) - 1), dist.guard("the gradient exchange"):
+                    last = i == len(micro) - 1
+                    with parallel.sync_gradients(last), dist.guard("the gradient exchange"):
                         with autocast():
                             loss_sum, _ = parallel(loss_fn, batch)
                         # DDP and FSDP average gradients over ranks; scaling by `world` makes that the
                         # gradient of (summed loss of all ranks) / (units of all ranks).
-                        (loss_sum * world / max(units, 1)).backward()
+                        objective = loss_sum * world / max(units, 1)
+                        if last and (regularizer := deltas.regularizer()) is not None:
+                            # a delta's own term (diff pruning's L0 penalty), once per step; the same
+                            # on every rank, so the ranks' average keeps it
+                            objective = objective + regularizer
+                        objective.backward()
                     loss_total += float(loss_sum.detach())
                 tokens = sum(_input_tokens(b) for b in micro)
                 loss_total, tokens, stopping = dist.all_reduce_sum([loss_total, tokens, stop["stop"]])
@@ -300,6 +307,8 @@ def train(
                 record: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "epoch": stream.epoch}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
+                if regularizer is not None:
+                    record["regularizer"] = float(regularizer.detach())
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
                     record["eval_loss"] = result.final_eval_loss = eval_fn()
                     logger.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
@@ -313,12 +322,13 @@ def train(
                     raise Interrupted(step, write_checkpoint(step))
                 if cfg.save_every and step % cfg.save_every == 0 and step != steps:
                     write_checkpoint(step)
+            if result.step:
+                write_checkpoint(result.step)
+            deltas.on_train_end()  # after the checkpoint, so a resumed run continues from the unprojected state
             if eval_fn is not None:
                 result.final_eval_loss = eval_fn()
                 logger.log(steps, {"eval_loss": result.final_eval_loss})
                 logger.write(f"final eval loss {result.final_eval_loss:.4f}")
-            if result.step:
-                write_checkpoint(result.step)
     finally:
         logger.close()
     result.wall_s = time.perf_counter() - started

@@ -24,11 +24,14 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with a no-decay group for biases and norms."""
+    """AdamW over the deltas' parameters, with a no-decay group for biases and norms.
+
+    Every given parameter is included, also ones frozen for now (gradual unfreezing turns them on
+    later): AdamW skips a parameter without a gradient, leaving it and its state untouched.
+    """
     decay, no_decay = [], []
     for name, param in named_params:
-        if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
+        (no_decay if _no_decay(name, param) else decay).append(param)
     if not decay and not no_decay:
         raise ValueError("no trainable parameters: did the delta attach to anything?")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
