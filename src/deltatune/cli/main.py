@@ -1,4 +1,4 @@
-"""`deltatune` subcommands: train, generate, chat, demo, models.
+"""`deltatune` subcommands: train, generate, chat, demo, inspect, models.
 
 User mistakes (`UserError`) print one clear message and exit with status 2, no traceback.
 """
@@ -124,6 +124,18 @@ def demo(
     from deltatune.demo import run_demo
 
     run_demo(output_dir=output_dir, overrides=overrides)
+
+
+@app.command()
+def inspect(
+    target: Annotated[Path, typer.Argument(help="A YAML config, a run directory or an adapter directory.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides, e.g. delta.r=16.")] = None,
+) -> None:
+    """Show what the deltas train: parameters (count, % of the base), where they sit, whether they merge."""
+    _quiet_libraries()
+    from deltatune.deltas.report import inspect_path
+
+    typer.echo(inspect_path(target, overrides))
 
 
 @app.command()
