@@ -27,6 +27,7 @@ from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.inject import find_targets, layer_index
 from deltatune.deltas.layer import DeltaLayer, find_layer, innermost, unwrap_adapter, wrap
 from deltatune.deltas.select import Selection, find_head_modules, params_under
+from deltatune.errors import ConfigError
 
 __all__ = ["BitfitConfig", "Bitfit", "BiasLinear"]
 
@@ -97,7 +98,12 @@ class Bitfit(Delta):
         self.selection = Selection(model, names)
         self.paths: list[str] = []
         if cfg.add_bias is not None:
-            found = find_targets(model, cfg.add_bias, (nn.Linear,), cfg.layers)
+            try:
+                found = find_targets(model, cfg.add_bias, (nn.Linear,), cfg.layers)
+            except ConfigError:
+                if cfg.add_bias != "all-linear":
+                    raise
+                found = []  # a model whose only Linear is its head: nothing to add
             self.paths = [p for p in found if innermost(model.get_submodule(p)).bias is None]
         for path in self.paths:
             wrap(model, path, BiasLinear).add_adapter(self.name)
