@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from deltatune.deltas import DeltaSet, attach
 from deltatune.deltas.base import Delta
+from deltatune.deltas.inject import HEAD_NAMES
 from deltatune.deltas.registry import delta_class_for_peft_type
 from deltatune.errors import UserError
 
@@ -36,6 +37,9 @@ _TASK_TYPES = {
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
 }
+
+
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 def peft_task_type(model: nn.Module) -> str | None:
@@ -66,9 +70,13 @@ def _write_atomic_dir(target: Path, fill) -> None:
 def _save_one(
     delta: Delta, directory: Path, base_model: str, task_type: str | None, weights: dict[str, Tensor] | None = None
 ) -> None:
-    config = {**delta.peft_config(), "base_model_name_or_path": base_model, "task_type": task_type, "inference_mode": True}
     state = None if weights is None else {name: weights[name] for name, _ in delta.named_parameters()}
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in delta.export_state(state).items()}
+    if task_type in _HEAD_TASKS and not any(set(k.split(".")) & set(HEAD_NAMES) for k in tensors):
+        # PEFT's classification task types expect the head's weights in the adapter (modules_to_save);
+        # an adapter without them loads in PEFT as a plain PeftModel, with the base model's head.
+        task_type = None
+    config = {**delta.peft_config(), "base_model_name_or_path": base_model, "task_type": task_type, "inference_mode": True}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
