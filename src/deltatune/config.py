@@ -159,6 +159,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _merge_item(item: Any, patch: Any) -> Any:
+    """Patch one delta item; a patch that changes its `method` starts from that method's defaults
+    (the old method's options would not apply: `delta.method=ia3` over a LoRA config)."""
+    if not isinstance(item, dict) or not isinstance(patch, dict):
+        return patch
+    if "method" in patch and patch["method"] != item.get("method", "lora"):
+        return copy.deepcopy(patch)
+    return _merge(item, patch)
+
+
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `patch` into a copy of `base`. A dict patch on a one-item delta list edits that item;
     an integer key (`delta.1.r=4`) edits the item at that index."""
@@ -168,11 +178,14 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         if isinstance(current, list) and isinstance(value, dict):
             if all(str(k).isdigit() for k in value):
                 for index, sub in value.items():
-                    current[int(index)] = _merge(current[int(index)], sub) if isinstance(sub, dict) else sub
+                    current[int(index)] = _merge_item(current[int(index)], sub)
                 continue
             if len(current) == 1 and isinstance(current[0], dict):
-                out[key] = [_merge(current[0], value)]
+                out[key] = [_merge_item(current[0], value)]
                 continue
+        if key == "delta" and isinstance(current, dict) and isinstance(value, dict):
+            out[key] = _merge_item(current, value)
+            continue
         if isinstance(current, dict) and isinstance(value, dict):
             out[key] = _merge(current, value)
         else:
