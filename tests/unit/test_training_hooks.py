@@ -160,7 +160,7 @@ def test_sft_with_composed_deltas_and_full_model_export(tiny_config) -> None:
     config with a list of deltas validated into both methods."""
     from transformers import AutoModelForCausalLM
 
-    from deltatune.generate import load_for_inference
+    from deltatune.inference import load_for_inference
     from deltatune.recipes import run_stage
 
     cfg = tiny_config("train.max_steps=2", "train.lr=1e-4")

@@ -168,10 +168,12 @@ class Delta(abc.ABC):
         raise TypeError(f"method '{self.config.method}' cannot be removed from a model")
 
     # ---- on-disk format ------------------------------------------------------------------------
-    def export_state(self) -> dict[str, torch.Tensor]:
+    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The tensors written to `adapter_model.safetensors`, keyed by their on-disk names
-        (PEFT's names by default; see `peft_key`)."""
-        return {self.peft_key(name): t for name, t in self.state_dict().items()}
+        (PEFT's names by default; see `peft_key`). `state` (in-memory names, e.g. full tensors
+        gathered from FSDP shards) replaces the parameters' own values."""
+        state = self.state_dict() if state is None else state
+        return {self.peft_key(name): t for name, t in state.items()}
 
     def import_state(self, stored: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Load tensors written by `export_state` (or by PEFT); `source` names the file in errors."""

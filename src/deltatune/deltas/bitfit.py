@@ -84,7 +84,7 @@ class BiasLinear(DeltaLayer):
 
 
 class Bitfit(Delta):
-    """Existing biases (in place) + zero-initialised added biases (wrapped Linears) + the head."""
+    """BitFit (Ben Zaken et al. 2021): only biases and the task head train; bias-less Linears (Llama) get zero-initialised biases; mergeable."""
 
     config_class = BitfitConfig
     mergeable = True

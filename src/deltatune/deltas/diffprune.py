@@ -130,7 +130,7 @@ class DiffLinear(DeltaLayer):
 
 
 class DiffPrune(Delta):
-    """Diff pruning over the targeted Linear weights (see module docstring)."""
+    """Diff pruning (Guo et al. 2021): a learned difference per chosen weight with hard-concrete L0 gates, projected to a sparse budget at the end; mergeable."""
 
     config_class = DiffPruneConfig
     mergeable = True
@@ -207,12 +207,20 @@ class DiffPrune(Delta):
                     layer.merge_adapter(self.name, 1.0)
 
     # ---- on-disk format: sparse ---------------------------------------------------------------------
-    def export_state(self) -> dict[str, torch.Tensor]:
-        """Per weight: `<module>.diff_indices` (flat int64 positions) and `<module>.diff_values`."""
+    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per weight: `<module>.diff_indices` (flat int64 positions) and `<module>.diff_values` of
+        the eval-mode difference (from `state`'s tensors when given)."""
         out = {}
         with torch.no_grad():
             for path, layer in self.layers():
-                diff = layer.difference(self.name).flatten()
+                if state is None:
+                    diff = layer.difference(self.name).flatten()
+                else:
+                    w, log_alpha = state[f"{path}.diff_w.{self.name}"], state[f"{path}.diff_log_alpha.{self.name}"]
+                    diff = hard_concrete(log_alpha, training=False) * w
+                    if self.name in layer.support:
+                        diff = diff * layer.support[self.name].to(diff.device)
+                    diff = diff.flatten()
                 index = diff.nonzero().flatten()
                 out[f"base_model.model.{path}.diff_indices"] = index.to(torch.int64)
                 out[f"base_model.model.{path}.diff_values"] = diff[index].contiguous()

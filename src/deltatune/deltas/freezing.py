@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.inject import layer_index
 from deltatune.deltas.select import SelectDelta
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, UserError
 
 __all__ = ["FreezeConfig", "Freeze", "parameter_regions"]
 
@@ -77,7 +78,7 @@ def parameter_regions(model: nn.Module) -> tuple[list[str], dict[int, list[str]]
 
 
 class Freeze(SelectDelta):
-    """Train the top blocks (and head) of a frozen model, optionally unfreezing gradually."""
+    """Layer freezing: the top blocks and the head train, the rest stays frozen; optional gradual unfreezing from the top (ULMFiT)."""
 
     config_class = FreezeConfig
     config: FreezeConfig
@@ -124,8 +125,17 @@ class Freeze(SelectDelta):
         return len(self.groups) if every is None else min(len(self.groups), (max(step, 1) - 1) // every + 1)
 
     def on_step(self, step: int) -> None:
+        if self.config.unfreeze_every and _distributed():
+            raise UserError(
+                "delta.unfreeze_every (gradual unfreezing) needs a single process: DDP and FSDP fix the "
+                "trainable parameters when they wrap the model. Train with one process, or drop unfreeze_every."
+            )
         active = self.active_groups(step)
         params = self.selection.params
         for i, group in enumerate(self.groups):
             for name in group:
                 params[name].requires_grad_(i < active)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1

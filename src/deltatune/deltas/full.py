@@ -30,7 +30,7 @@ class FullConfig(DeltaConfig):
 
 
 class Full(SelectDelta):
-    """Every parameter trains (see module docstring)."""
+    """Full fine-tuning: every parameter trains; the run also writes a transformers model directory (OUTPUT_DIR/model/)."""
 
     config_class = FullConfig
     config: FullConfig

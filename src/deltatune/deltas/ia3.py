@@ -129,7 +129,7 @@ def _matches(path: str, spec: str | list[str]) -> bool:
 
 
 class IA3(Delta):
-    """(IA)3 over the targeted Linear modules (see module docstring)."""
+    """(IA)3 (Liu et al. 2022): learned vectors, initialised to 1, rescale keys, values and the feed-forward input; mergeable."""
 
     config_class = IA3Config
     mergeable = True

@@ -78,10 +78,12 @@ def find_targets(
         if hit:
             found.append(path)
     if not found:
-        kinds = ", ".join(t.__name__ for t in module_types)
+        kinds = f"{module_types[0].__name__} module" + (
+            f" (nor {', '.join(t.__name__ for t in module_types[1:])})" if len(module_types) > 1 else ""
+        )
         examples = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, module_types)})
         raise ConfigError(
-            f"delta.target {target!r} matches no {kinds} module in this model; "
+            f"delta.target {target!r} matches no {kinds} in this model; "
             f"names here include: {', '.join(examples[:12]) or '(none)'}"
         )
     return found

@@ -135,13 +135,18 @@ class LoraLayer(DeltaLayer):
         return self.lora_dropout[name](self._cast(name, x))
 
     # ---- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str, dora: bool) -> None:
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str = "kaiming", dora: bool = False
+    ) -> None:
         self.register_adapter(name)
         weight = self.base.weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32}
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         self._create(name, r, factory)
+        if init == "gaussian" and not isinstance(self, LoraEmbedding):  # PEFT keeps its embedding init here
+            with torch.no_grad():
+                self.factors(name)[0].normal_(std=1 / r)
         if init == "pissa":
             self._pissa_init(name, r)
         if dora:
@@ -426,8 +431,8 @@ class Lora(Delta):
             "alpha_pattern": alpha_pattern,
         }
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        state = super().export_state()
+    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        state = super().export_state(state)
         if self.config.init != "pissa":
             return state
         # [A; A0] and [B, -B0]: B' A' = B A - B0 A0, the change to the original weight (PEFT's conversion).
