@@ -1,7 +1,7 @@
 """Real-model check per method family: a few optimizer steps on SmolLM2-135M-Instruct with the demo's
 data lower the eval loss, for select-family methods (BitFit, which adds biases to the bias-less
-Llama projections; layer freezing) and reparameterizing ones ((IA)3, DoRA), with the trainable share
-reported. The model is loaded once; each method trains on its own copy through the real loop."""
+Llama projections; layer freezing) and a reparameterizing one ((IA)3; LoRA has its own SmolLM2
+test), with the trainable share reported. The model is loaded once; each method trains on its own copy through the real loop."""
 
 from __future__ import annotations
 
@@ -42,9 +42,8 @@ def _load():
         ({"method": "bitfit"}, 5e-3),
         ({"method": "freeze", "trainable_layers": 2}, 3e-4),
         ({"method": "ia3"}, 3e-2),
-        ({"method": "lora", "r": 8, "use_dora": True, "dropout": 0.0}, 2e-3),
     ],
-    ids=["bitfit", "freeze", "ia3", "dora"],
+    ids=["bitfit", "freeze", "ia3"],
 )
 def test_short_run_lowers_eval_loss(smollm, delta, lr, tmp_path) -> None:
     from deltatune.config import TrainConfig

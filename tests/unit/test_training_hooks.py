@@ -194,3 +194,15 @@ def test_inspect_cli_reports_counts_places_and_merge(tmp_path) -> None:
     assert "not mergeable" in result.output  # a LoRA on the tied input embedding
     assert f"delta ia3 ('default'): {ia3:,} trainable parameters" in result.output
     assert "model.layers.*.self_attn.q_proj" in result.output and "model.embed_tokens" in result.output
+
+
+def test_changing_method_in_overrides_starts_from_its_defaults() -> None:
+    from deltatune.demo import demo_config
+
+    assert demo_config("unused", ["delta.method=ia3"]).delta[0].model_dump() == {
+        "method": "ia3", "target": "auto", "feedforward": "auto", "layers": None,
+    }
+    lora = demo_config("unused", ["delta.use_dora=true"]).delta[0]
+    assert (lora.method, lora.r, lora.dropout, lora.use_dora) == ("lora", 8, 0.0, True)  # the demo's LoRA options kept
+    cfg = load_config(None, ["model=m", "delta.1.method=freeze"], base={"delta": [{"method": "lora", "r": 2}, {"method": "bitfit", "head": False}]})
+    assert [d.method for d in cfg.delta] == ["lora", "freeze"] and cfg.delta[0].r == 2
