@@ -8,7 +8,10 @@ method) and, once attached to a model under an adapter name, it can:
 - be disabled (`with delta.disabled(): ...` gives the base model's outputs, which is how DPO and
   PPO get a reference model without a second copy);
 - merge into the base weights and unmerge, where the maths allows (`mergeable`); merging twice
-  is a no-op.
+  is a no-op;
+- choose what goes on disk (`export_state` / `import_state`, PEFT's key names by default);
+- apply to some rows of a batch only (`set_row_mask`, for mixed-adapter batches) and be
+  removed from the model (`remove`), where the method supports it.
 
 Methods that wrap modules build on `DeltaLayer` (deltas/layer.py); the on-disk format (PEFT's
 `adapter_config.json` + `adapter_model.safetensors`) is in deltatune.export.peft_format.
@@ -24,6 +27,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from deltatune.errors import UserError
 
 __all__ = ["DeltaConfig", "Delta"]
 
@@ -128,7 +133,38 @@ class Delta(abc.ABC):
     def _merge(self, sign: float) -> None:
         raise TypeError(f"method '{self.config.method}' cannot be merged")
 
+    # ---- mixed batches and removal -----------------------------------------------------------
+    def set_row_mask(self, mask: torch.Tensor | None) -> None:
+        """Apply this delta only to the batch rows where `mask` ([batch] bool) is true; None applies
+        it to every row again. Used for mixed-adapter batches (deltatune.deltas.adapters)."""
+        raise TypeError(f"method '{self.config.method}' does not support mixed-adapter batches")
+
+    def remove(self) -> None:
+        """Take this delta out of the model (its parameters are dropped, wrapped modules unwrapped
+        where no other adapter uses them). The model then computes as before `attach`."""
+        raise TypeError(f"method '{self.config.method}' cannot be removed from a model")
+
     # ---- on-disk format ------------------------------------------------------------------------
+    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors written to `adapter_model.safetensors`, keyed by their on-disk names
+        (PEFT's names by default; see `peft_key`). `state` (full tensors by in-memory name, e.g.
+        FSDP shards gathered) replaces the delta's own values."""
+        return {self.peft_key(name): t for name, t in (self.state_dict() if state is None else state).items()}
+
+    def import_state(self, stored: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        """Load tensors written by `export_state` (or by PEFT); `source` names the file in errors."""
+        by_key = {self.peft_key(n): n for n, _ in self.named_parameters()}
+        missing = sorted(set(by_key) - set(stored))
+        if missing:
+            raise UserError(
+                f"{source}: {len(missing)} tensors this model needs are missing (e.g. {missing[0]}); "
+                "was the adapter trained on a different base model?"
+            )
+        try:
+            self.load_state_dict({by_key[k]: v for k, v in stored.items() if k in by_key})
+        except ValueError as exc:
+            raise UserError(f"{source}: {exc} (was the adapter trained on a different base model?)") from None
+
     def peft_config(self) -> dict[str, Any]:
         """The `adapter_config.json` fields for this delta (PEFT's names where PEFT has the method)."""
         return {"peft_type": self.peft_type or self.config.method.upper(), **self.config.model_dump(mode="json")}

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from deltatune.deltas.adapter import Adapter
 from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.lora import Lora
+from deltatune.deltas.prefix import Prefix
+from deltatune.deltas.prompt import Prompt
+from deltatune.deltas.ptuning import PTuning
+from deltatune.deltas.ptuning2 import PTuning2
 from deltatune.deltas.select import Head
 from deltatune.errors import ConfigError, nearest
 
@@ -12,6 +17,11 @@ __all__ = ["METHODS", "delta_class", "delta_config_class", "delta_class_for_peft
 METHODS: dict[str, type[Delta]] = {
     "lora": Lora,
     "head": Head,
+    "prompt": Prompt,
+    "prefix": Prefix,
+    "ptuning": PTuning,
+    "ptuning2": PTuning2,
+    "adapter": Adapter,
 }
 
 

@@ -39,9 +39,13 @@ _TASK_TYPES = {
 
 
 def peft_task_type(model: nn.Module) -> str | None:
-    """PEFT's `task_type` for a model class (None for a bare backbone or a masked LM)."""
+    """PEFT's `task_type` for a model class (FEATURE_EXTRACTION for a bare backbone such as
+    `BertModel`, which PEFT's prompt-learning methods need; None for a masked LM)."""
     name = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    task = next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    if task is None and getattr(model, "base_model", None) is model:
+        return "FEATURE_EXTRACTION"
+    return task
 
 
 def _write_atomic_dir(target: Path, fill) -> None:
@@ -67,8 +71,8 @@ def _save_one(
     delta: Delta, directory: Path, base_model: str, task_type: str | None, weights: dict[str, Tensor] | None = None
 ) -> None:
     config = {**delta.peft_config(), "base_model_name_or_path": base_model, "task_type": task_type, "inference_mode": True}
-    state = delta.state_dict() if weights is None else {name: weights[name] for name, _ in delta.named_parameters()}
-    tensors = {delta.peft_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
+    state = None if weights is None else {name: weights[name] for name, _ in delta.named_parameters()}
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in delta.export_state(state).items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -133,18 +137,6 @@ def load_deltas(model: nn.Module, directory: str | Path, name: str = "default") 
         weights = d / WEIGHTS_NAME
         if not weights.is_file():
             raise UserError(f"{d}: {WEIGHTS_NAME} is missing")
-        stored = load_file(str(weights))
-        by_key = {delta.peft_key(n): n for n, _ in delta.named_parameters()}
-        missing = sorted(set(by_key) - set(stored))
-        if missing:
-            raise UserError(
-                f"{weights}: {len(missing)} tensors this model needs are missing (e.g. {missing[0]}); "
-                "was the adapter trained on a different base model?"
-            )
-        state = {by_key[k]: v for k, v in stored.items() if k in by_key}
-        try:
-            delta.load_state_dict(state)
-        except ValueError as exc:
-            raise UserError(f"{weights}: {exc} (was the adapter trained on a different base model?)") from None
+        delta.import_state(load_file(str(weights)), source=str(weights))
     return deltas
 
