@@ -78,24 +78,27 @@ def test_sequential_adapter_is_residual_bottleneck_on_the_projection_output():
         torch.testing.assert_close(out, h + _adapter(layer)(h))
 
 
-def test_parallel_adapter_reads_the_sublayer_input_and_is_scaled():
-    for cls_name, feeder, out_path in [
+@pytest.mark.parametrize(
+    "cls_name,feeder,out_path",
+    [
         ("LlamaForCausalLM", "model.layers.1.mlp", "model.layers.1.mlp.down_proj"),
         ("BertModel", "encoder.layer.1.intermediate", "encoder.layer.1.output.dense"),
-    ]:
-        model = fresh(cls_name)
-        deltas = attach(model, AdapterConfig(variant="parallel", bottleneck=8))
-        assert out_path in deltas[0].paths and len(deltas[0].paths) == 2  # the MLPs only, by default
-        perturb(deltas)
-        layer = model.get_submodule(out_path)
-        captured = {}
-        model.get_submodule(feeder).register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
-        layer.register_forward_hook(lambda mod, args, out: captured.__setitem__("out", (args[0], out)))
-        with torch.no_grad():
-            model(input_ids=IDS, attention_mask=MASK)
-            inner, out = captured["out"]
-            expected = layer.base_layer(inner) + 4.0 * _adapter(layer)(captured["x"])
-        torch.testing.assert_close(out, expected)
+    ],
+)
+def test_parallel_adapter_reads_the_sublayer_input_and_is_scaled(cls_name, feeder, out_path):
+    model = fresh(cls_name)
+    deltas = attach(model, AdapterConfig(variant="parallel", bottleneck=8))
+    assert out_path in deltas[0].paths and len(deltas[0].paths) == 2  # the MLPs only, by default
+    perturb(deltas)
+    layer = model.get_submodule(out_path)
+    captured = {}
+    model.get_submodule(feeder).register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
+    layer.register_forward_hook(lambda mod, args, out: captured.__setitem__("out", (args[0], out)))
+    with torch.no_grad():
+        model(input_ids=IDS, attention_mask=MASK)
+        inner, out = captured["out"]
+        expected = layer.base_layer(inner) + 4.0 * _adapter(layer)(captured["x"])
+    torch.testing.assert_close(out, expected)
 
 
 def test_adapter_wrap_points_and_errors():
@@ -263,3 +266,19 @@ def test_prompt_config_errors():
         load_config(None, ["model=tiny-llama", "delta.method=prompt", "delta.init=text"])
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         load_config(None, ["model=tiny-llama", "delta.method=prefix", "delta.num_virtal_tokens=4"])
+
+
+@pytest.mark.parametrize("config", [PrefixConfig(num_virtual_tokens=3, projection_hidden=16), PTuning2Config(num_virtual_tokens=3)])
+def test_prefix_from_real_tokens_acts_as_a_hard_prompt(monkeypatch, config):
+    """Li & Liang's init from real words' activations: at step 0 a decoder with the prefix computes
+    what the base computes with those tokens in front of the input (at the real positions)."""
+    import deltatune.deltas.prefix as prefix_module
+
+    words = torch.tensor([7, 250, 31])
+    monkeypatch.setattr(prefix_module, "init_token_ids", lambda *args: words)
+    model = fresh()
+    attach(model, config)
+    with torch.no_grad():
+        ours = model(input_ids=IDS[:1]).logits
+        hard = _base("LlamaForCausalLM")(input_ids=torch.cat([words[None], IDS[:1]], dim=1)).logits[:, 3:]
+    torch.testing.assert_close(ours, hard, atol=1e-5, rtol=1e-4)

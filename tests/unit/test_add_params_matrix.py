@@ -153,7 +153,6 @@ CASES: list[Case] = [
     Case("adapter-pfeiffer", [{"method": "adapter", "variant": "pfeiffer", "bottleneck": 8}], LLAMA_BERT, adapter_count(1, 8), mergeable=False),
     Case("adapter-parallel", [{"method": "adapter", "variant": "parallel", "bottleneck": 8, "where": ["attention", "mlp"]}], LLAMA_BERT, adapter_count(2, 8), mergeable=False),
     Case("prompt", [{"method": "prompt", "num_virtual_tokens": 4}], LLAMA_BERT, prompt_count(4), identity_at_init=False, mergeable=False, lr=3e-2, fit=0.8),
-    Case("prompt-random", [{"method": "prompt", "num_virtual_tokens": 4, "init": "random"}], ("llama",), prompt_count(4), identity_at_init=False, mergeable=False, lr=3e-2, fit=0.8),
     Case("ptuning-mlp", [{"method": "ptuning", "num_virtual_tokens": 4, "encoder": "mlp", "encoder_hidden": 32}], LLAMA_BERT, ptuning_mlp_count(4, 32), identity_at_init=False, mergeable=False, lr=1e-2, fit=0.8),
     Case("ptuning-lstm", [{"method": "ptuning", "num_virtual_tokens": 4, "encoder": "lstm", "encoder_hidden": 16}], LLAMA_BERT, ptuning_lstm_count(4, 16), identity_at_init=False, mergeable=False, lr=1e-2, fit=0.8),
     Case("prefix", [{"method": "prefix", "num_virtual_tokens": 4, "projection_hidden": 32}], LLAMA_BERT, prefix_count(4, 32), identity_at_init=False, mergeable=False),

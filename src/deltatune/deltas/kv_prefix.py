@@ -31,6 +31,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from deltatune.deltas.virtual import HOST_ATTR as PROMPT_HOST_ATTR
 from deltatune.deltas.virtual import backbone_of, forward_kwargs, past_length
 from deltatune.errors import ConfigError
 
@@ -72,6 +73,8 @@ def _inner_function(name: str, module: nn.Module) -> Callable:
 def _prefixed_attention(module, query, key, value, attention_mask, **kwargs):
     """The registered wrapper: prefix keys/values in front, then the wrapped implementation."""
     host: PrefixHost = getattr(module, _HOST_ATTR)
+    if host.captured is not None:
+        host.captured[host.layer_of[id(module)]] = (key, value)
     key, value, attention_mask = host.extend(module, query, key, value, attention_mask, kwargs)
     return _inner_function(host.inner, module)(module, query, key, value, attention_mask, **kwargs)
 
@@ -101,6 +104,7 @@ class PrefixHost:
         for module in self.attention:
             setattr(module, _HOST_ATTR, self)
         self._states: list[torch.Tensor] | None = None
+        self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._hook = backbone_of(model).register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     @classmethod
@@ -128,6 +132,27 @@ class PrefixHost:
 
     def active(self) -> list[Any]:
         return [s for s in self.sources if s.enabled]
+
+    def capture(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[layers, 2, kv_heads, n, head_dim]: every layer's keys and values for `input_ids` [n] as
+        the base model computes them (positions 0..n-1, prefixes and input prompts off, eval mode)."""
+        prompts = getattr(self.model, PROMPT_HOST_ATTR, None)
+        enabled = [(s, s.enabled) for s in self.sources + (prompts.sources if prompts else [])]
+        training = self.model.training
+        self.captured = {}
+        try:
+            for source, _ in enabled:
+                source.enabled = False
+            self.model.eval()
+            with torch.no_grad():
+                backbone_of(self.model)(input_ids=input_ids[None], use_cache=False)
+            layers = [self.captured[i] for i in range(len(self.attention))]
+        finally:
+            self.captured = None
+            self.model.train(training)
+            for source, state in enabled:
+                source.enabled = state
+        return torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])
 
     # ---- per forward ---------------------------------------------------------------------------
     def _visible(self, batch: int, device: torch.device) -> torch.Tensor:

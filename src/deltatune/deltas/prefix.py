@@ -10,6 +10,13 @@ parameters). Li & Liang found optimising P directly unstable and reparameterise 
 the MLP away and writes P (PEFT's PREFIX_TUNING layout: `prompt_embeddings` [k, layers * 2 *
 kv_dim], ordered layer, key/value, head, head_dim). A loaded adapter is that table.
 
+Initialisation (Li & Liang, section 7.2: random initialisation trains poorly and unstably; the
+activations of real words work better, task words best): with `init: vocab` (sampled tokens) or
+`init: text`, P starts as the keys and values the frozen model computes for those k tokens, so at
+step 0 the model behaves as if they were a hard prompt in front of the input. With the projection
+this is P = P_0 + MLP(P') with P_0 those activations (fixed) and the MLP's last layer at zero.
+`init: random` is PEFT's initialisation (N(0, 1) table, default Linear layers).
+
 The prefix is applied inside the attention function (deltas/kv_prefix.py), not through the KV
 cache, so it does not depend on transformers' cache classes and works with `generate`. Grouped-query
 models get one prefix per key/value head (kv_dim = kv_heads * head_dim), as in PEFT.
@@ -24,15 +31,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import Delta, DeltaConfig
+from deltatune.deltas.base import Delta
 from deltatune.deltas.kv_prefix import PrefixHost, attention_shape
-from deltatune.deltas.prompt import PROMPT_KEY, _single_submodule
+from deltatune.deltas.prompt import PROMPT_KEY, TokenInitConfig, _single_submodule, init_token_ids
 from deltatune.errors import UserError
 
 __all__ = ["PrefixConfig", "Prefix", "PrefixEncoder"]
 
 
-class PrefixConfig(DeltaConfig):
+class PrefixConfig(TokenInitConfig):
     method: Literal["prefix"] = "prefix"
     num_virtual_tokens: int = Field(20, ge=1)
     """Prefix length k (keys/values added in front of every attention layer)."""
@@ -45,7 +52,8 @@ class PrefixConfig(DeltaConfig):
 
 
 class PrefixEncoder(nn.Module):
-    """Produces the flat prefix [k, layers * 2 * kv_dim] (PEFT's module and parameter names)."""
+    """Produces the flat prefix [k, layers * 2 * kv_dim] (PEFT's module and parameter names), plus
+    the fixed `offset` P_0 when the projection starts from real activations."""
 
     def __init__(self, k: int, kv_dim: int, layers: int, projection: bool, hidden: int, device) -> None:
         super().__init__()
@@ -57,10 +65,25 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(k, layers * 2 * kv_dim, device=device)
+        self.register_buffer("offset", None)
+
+    def start_from(self, flat: torch.Tensor) -> None:
+        """Make the output equal `flat` [k, layers * 2 * kv_dim] (a table: its value; a projection:
+        offset `flat`, last layer zero)."""
+        with torch.no_grad():
+            if not self.projection:
+                self.embedding.weight.copy_(flat)
+                return
+            nn.init.zeros_(self.transform[-1].weight)
+            nn.init.zeros_(self.transform[-1].bias)
+        self.offset = flat.detach().clone()
 
     def forward(self) -> torch.Tensor:
         weight = self.embedding.weight
-        return self.transform(weight) if self.projection else weight
+        if not self.projection:
+            return weight
+        out = self.transform(weight)
+        return out if self.offset is None else out + self.offset
 
 
 class Prefix(Delta):
@@ -107,9 +130,14 @@ class Prefix(Delta):
             raise ValueError(f"adapter '{self.name}' of method {self.config.method} already exists on this model")
         device = next(model.parameters()).device
         hidden = getattr(self.config, "projection_hidden", 0)
-        modules[self.name] = PrefixEncoder(self.num_virtual_tokens, self.kv_dim, self.layers, self.projection, hidden, device)
+        encoder = PrefixEncoder(self.num_virtual_tokens, self.kv_dim, self.layers, self.projection, hidden, device)
+        modules[self.name] = encoder
         self.enabled, self.row_mask = True, None
-        PrefixHost.of(model).add(self)
+        host = PrefixHost.of(model)
+        host.add(self)
+        if self.config.init != "random":
+            states = host.capture(init_token_ids(model, self.config, self.num_virtual_tokens))  # [L, 2, kvh, k, d]
+            encoder.start_from(states.permute(3, 0, 1, 2, 4).reshape(self.num_virtual_tokens, -1).float())
 
     def module(self) -> PrefixEncoder:
         assert self.model is not None, "attach the delta first"
@@ -185,5 +213,6 @@ class Prefix(Delta):
         return PrefixConfig(
             num_virtual_tokens=peft["num_virtual_tokens"],
             projection=bool(peft.get("prefix_projection", False)),
+            init="random",  # the stored weights replace it
             projection_hidden=peft.get("encoder_hidden_size") or 512,
         )

@@ -28,28 +28,33 @@ from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.virtual import PromptHost, backbone_of
 from deltatune.errors import UserError
 
-__all__ = ["PromptConfig", "Prompt", "PromptTable", "text_config"]
+__all__ = ["TokenInitConfig", "PromptConfig", "Prompt", "PromptTable", "init_token_ids", "text_config"]
 
 PROMPT_KEY = "prompt_embeddings"
 """PEFT's on-disk key for the virtual tokens of every prompt-learning method."""
 
 
-class PromptConfig(DeltaConfig):
-    method: Literal["prompt"] = "prompt"
-    num_virtual_tokens: int = Field(20, ge=1)
-    """Number k of virtual tokens prepended to every sequence."""
+class TokenInitConfig(DeltaConfig):
+    """Config fields of the methods whose virtual tokens can start from real tokens."""
+
     init: Literal["vocab", "text", "random"] = "vocab"
-    """Initial virtual tokens: embeddings of sampled vocabulary tokens, of `init_text`, or random."""
+    """Start from sampled vocabulary tokens, from `init_text`'s tokens, or at random (see the method)."""
     init_text: str | None = None
-    """Text whose token embeddings initialise the prompt (with `init: text`), repeated or cut to k."""
+    """Text whose tokens the virtual tokens start from (with `init: text`), repeated or cut to k."""
     tokenizer: str | None = None
     """Tokenizer for `init_text` (default: the base model's)."""
 
     @model_validator(mode="after")
-    def _text_needs_text(self) -> PromptConfig:
+    def _text_needs_text(self) -> TokenInitConfig:
         if self.init == "text" and not self.init_text:
-            raise ValueError("init: text needs init_text (the words the prompt starts from)")
+            raise ValueError("init: text needs init_text (the words the virtual tokens start from)")
         return self
+
+
+class PromptConfig(TokenInitConfig):
+    method: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(20, ge=1)
+    """Number k of virtual tokens prepended to every sequence."""
 
 
 class PromptTable(nn.Module):
@@ -110,21 +115,10 @@ class Prompt(Delta):
 
     def initial_prompt(self, model: nn.Module, embeddings: nn.Embedding) -> torch.Tensor:
         """[k, hidden] fp32 starting values (see `PromptConfig.init`)."""
-        cfg, weight = self.config, embeddings.weight.detach()
-        k = cfg.num_virtual_tokens
-        if cfg.init == "random":
-            return torch.randn(k, weight.shape[1], device=weight.device) * weight.float().std()
-        if cfg.init == "vocab":
-            ids = torch.randint(0, weight.shape[0], (k,), device=weight.device)
-        else:
-            from deltatune.models import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.tokenizer or getattr(model, "name_or_path", None) or "")
-            text_ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
-            if not text_ids:
-                raise UserError(f"delta.init_text {cfg.init_text!r} gives no tokens")
-            ids = torch.tensor((text_ids * (k // len(text_ids) + 1))[:k], device=weight.device)
-        return weight[ids].float().clone()
+        weight = embeddings.weight.detach()
+        if self.config.init == "random":
+            return torch.randn(self.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.float().std()
+        return weight[init_token_ids(model, self.config, self.num_virtual_tokens)].float().clone()
 
     def module(self) -> nn.Module:
         assert self.model is not None, "attach the delta first"
@@ -195,6 +189,21 @@ class Prompt(Delta):
         are loaded next), so it is `random`: loading never needs the init text's tokenizer."""
         _single_submodule(peft)
         return PromptConfig(num_virtual_tokens=peft["num_virtual_tokens"], init="random")
+
+
+def init_token_ids(model: nn.Module, cfg: Any, k: int) -> torch.Tensor:
+    """[k] token ids a prompt starts from: uniformly sampled (`init: vocab`) or `init_text`'s tokens
+    repeated or cut to k (`init: text`), tokenized by `cfg.tokenizer` or the model's own."""
+    embeddings = backbone_of(model).get_input_embeddings().weight
+    if cfg.init == "vocab":
+        return torch.randint(0, embeddings.shape[0], (k,), device=embeddings.device)
+    from deltatune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer or getattr(model, "name_or_path", None) or "")
+    ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise UserError(f"delta.init_text {cfg.init_text!r} gives no tokens")
+    return torch.tensor((ids * (k // len(ids) + 1))[:k], device=embeddings.device)
 
 
 def _single_submodule(peft: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ generation: the sequence keeps its length and positions, so a [CLS] classifier o
 `delta: [{method: ptuning2}, {method: head}]`.
 
 The computation is prefix tuning without projection (deltas/prefix.py, deltas/kv_prefix.py), so
-it is saved in PEFT's PREFIX_TUNING layout with `prefix_projection: false` (loadable by PEFT),
+it starts from real tokens' keys and values the same way (`init`; `random` is the paper code's
+N(0, 1)), and it is saved in PEFT's PREFIX_TUNING layout with `prefix_projection: false` (loadable by PEFT),
 and such an adapter loads back here as `prefix` with `projection: false`.
 """
 
@@ -20,13 +21,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from deltatune.deltas.base import DeltaConfig
 from deltatune.deltas.prefix import Prefix
+from deltatune.deltas.prompt import TokenInitConfig
 
 __all__ = ["PTuning2Config", "PTuning2"]
 
 
-class PTuning2Config(DeltaConfig):
+class PTuning2Config(TokenInitConfig):
     method: Literal["ptuning2"] = "ptuning2"
     num_virtual_tokens: int = Field(20, ge=1)
     """Prompt length k per layer (the paper: ~20 for simple classification, up to 100+ for hard

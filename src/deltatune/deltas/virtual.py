@@ -32,7 +32,7 @@ from torch import nn
 
 __all__ = ["PromptHost", "backbone_of", "forward_kwargs", "past_length", "document_starts"]
 
-_HOST_ATTR = "_deltatune_prompt_host"
+HOST_ATTR = "_deltatune_prompt_host"
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -89,10 +89,10 @@ class PromptHost:
 
     @classmethod
     def of(cls, model: nn.Module) -> PromptHost:
-        host = getattr(model, _HOST_ATTR, None)
+        host = getattr(model, HOST_ATTR, None)
         if host is None:
             host = cls(model)
-            object.__setattr__(model, _HOST_ATTR, host)  # a plain attribute, not a submodule
+            object.__setattr__(model, HOST_ATTR, host)  # a plain attribute, not a submodule
         return host
 
     def add(self, source: Any) -> None:
@@ -104,7 +104,7 @@ class PromptHost:
         if not self.sources:
             for hook in self._hooks:
                 hook.remove()
-            object.__delattr__(self.model, _HOST_ATTR)
+            object.__delattr__(self.model, HOST_ATTR)
 
     def active(self) -> list[Any]:
         return [s for s in self.sources if s.enabled]
