@@ -282,3 +282,37 @@ def test_prefix_from_real_tokens_acts_as_a_hard_prompt(monkeypatch, config):
         ours = model(input_ids=IDS[:1]).logits
         hard = _base("LlamaForCausalLM")(input_ids=torch.cat([words[None], IDS[:1]], dim=1)).logits[:, 3:]
     torch.testing.assert_close(ours, hard, atol=1e-5, rtol=1e-4)
+
+
+# ---- through the SFT recipe: train, checkpoint, resume, save folded, load, generate ------------------
+
+
+def test_prefix_sft_run_resumes_saves_folded_and_generates(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from deltatune.export.peft_format import read_adapter_config
+    from deltatune.generate import generate, load_for_inference
+    from deltatune.recipes import run_stage
+    from deltatune.train.checkpoint import latest_checkpoint
+
+    log = lambda *_: None  # noqa: E731
+    run_stage(tiny_config("delta.method=prefix", "delta.num_virtual_tokens=4", "train.max_steps=2", "train.save_every=1"), log)
+    summary = run_stage(tiny_config("delta.method=prefix", "delta.num_virtual_tokens=4", "train.max_steps=3", "resume=true"), log)
+    assert summary["steps"] == 3
+    run_dir = tmp_path / "run"
+    config = read_adapter_config(run_dir / "adapter")
+    assert config["peft_type"] == "PREFIX_TUNING" and config["prefix_projection"] is True
+    assert set(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == {"prompt_embeddings"}
+
+    # The folded adapter computes what the trained reparameterisation computes.
+    model, tokenizer, deltas = load_for_inference(None, run_dir / "adapter")
+    assert [d.config.method for d in deltas] == ["prefix"]
+    trained, _ = __import__("deltatune.models", fromlist=["load_model"]).load_model("tiny-llama")
+    torch.manual_seed(0)  # the recipe's seed: the same sampled init tokens, so the same fixed offset
+    unfolded = attach(trained, tiny_config("delta.method=prefix", "delta.num_virtual_tokens=4").delta)
+    weights = load_file(latest_checkpoint(run_dir) / "weights.safetensors")
+    unfolded.load_state_dict(weights)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits, atol=1e-5, rtol=1e-4)
+    replies = generate(model, tokenizer, ["Reverse apple", "Reverse stone"], max_new_tokens=4)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

@@ -202,7 +202,7 @@ class PrefixHost:
         value = torch.cat([*values, value], dim=2)
         visible = self._visible(batch, key.device)
         causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) and q_len > 1
-        if mask is None and bool(visible.all()) and not causal:
+        if mask is None and not causal and all(s.row_mask is None for s in self.active()):
             return key, value, None  # every column visible: no mask needed
         if mask is None:
             base = torch.ones(q_len, kv_len, dtype=torch.bool, device=key.device)

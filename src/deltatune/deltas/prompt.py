@@ -196,7 +196,10 @@ def init_token_ids(model: nn.Module, cfg: Any, k: int) -> torch.Tensor:
     repeated or cut to k (`init: text`), tokenized by `cfg.tokenizer` or the model's own."""
     embeddings = backbone_of(model).get_input_embeddings().weight
     if cfg.init == "vocab":
-        return torch.randint(0, embeddings.shape[0], (k,), device=embeddings.device)
+        # A generator seeded from torch's seed (train.seed): the same tokens however much randomness
+        # ran before, so a resumed run rebuilds the same starting point (prefix's fixed offset).
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        return torch.randint(0, embeddings.shape[0], (k,), generator=generator).to(embeddings.device)
     from deltatune.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer or getattr(model, "name_or_path", None) or "")

@@ -147,11 +147,12 @@ class PromptHost:
             embeds = self.backbone.get_input_embeddings()(ids)
         batch, length = embeds.shape[:2]
         k = visible.shape[1]
+        mixed = any(s.row_mask is not None for s in self.active())  # (a host check: no device sync)
         mask, positions = kw.get("attention_mask"), kw.get("position_ids")
         if positions is not None:
             positions = positions.expand(batch, -1)
         packed = mask is None and positions is not None and bool(document_starts(positions)[:, 1:].any())
-        if packed and not bool(visible.all()):
+        if packed and mixed:
             raise ValueError("a mixed-adapter batch cannot hold packed rows; give an attention_mask instead")
         starts = document_starts(positions) if packed else torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
         starts[:, 0] = True
@@ -166,13 +167,13 @@ class PromptHost:
         kw["inputs_embeds"] = out
 
         shift = visible.sum(dim=1, keepdim=True)
-        if positions is not None or not bool(visible.all()):
+        if positions is not None or mixed:
             base = positions if positions is not None else torch.arange(length, device=embeds.device).expand(batch, -1)
             slot_positions = (visible.long().cumsum(dim=1) - 1).clamp(min=0)  # visible slots count 0, 1, ...
             new_positions = _insert(base + shift, index, new_length)
             new_positions = new_positions.index_put((rows[:, None].expand_as(slots), slots), slot_positions[rows])
             kw["position_ids"] = new_positions
-        if mask is not None or not bool(visible.all()):
+        if mask is not None or mixed:
             real = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
             new_mask = _insert(real, index, new_length)
             kw["attention_mask"] = new_mask.index_put((rows[:, None].expand_as(slots), slots), visible[rows].to(real.dtype))
