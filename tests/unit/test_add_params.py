@@ -291,7 +291,7 @@ def test_prefix_sft_run_resumes_saves_folded_and_generates(tiny_config, tmp_path
     from safetensors.torch import load_file
 
     from deltatune.export.peft_format import read_adapter_config
-    from deltatune.generate import generate, load_for_inference
+    from deltatune.inference import generate, load_for_inference
     from deltatune.recipes import run_stage
     from deltatune.train.checkpoint import latest_checkpoint
 
@@ -316,3 +316,15 @@ def test_prefix_sft_run_resumes_saves_folded_and_generates(tiny_config, tmp_path
         torch.testing.assert_close(model(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits, atol=1e-5, rtol=1e-4)
     replies = generate(model, tokenizer, ["Reverse apple", "Reverse stone"], max_new_tokens=4)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_export_from_gathered_weights_equals_own():
+    """save_deltas(weights=...) (FSDP gathers full tensors) exports what the delta's own values export."""
+    model = fresh()
+    deltas = attach(model, [PrefixConfig(num_virtual_tokens=2, projection_hidden=8), PTuningConfig(num_virtual_tokens=2), AdapterConfig()])
+    perturb(deltas)
+    for delta in deltas:
+        own, given = delta.export_state(), delta.export_state({k: v.clone() for k, v in delta.state_dict().items()})
+        assert own.keys() == given.keys()
+        for key in own:
+            torch.testing.assert_close(given[key], own[key])

@@ -33,7 +33,13 @@ from torch import nn
 
 from deltatune.deltas.base import Delta
 from deltatune.deltas.kv_prefix import PrefixHost, attention_shape
-from deltatune.deltas.prompt import PROMPT_KEY, TokenInitConfig, _single_submodule, init_token_ids
+from deltatune.deltas.prompt import (
+    PROMPT_KEY,
+    TokenInitConfig,
+    _single_submodule,
+    init_token_ids,
+    output_with,
+)
 from deltatune.errors import UserError
 
 __all__ = ["PrefixConfig", "Prefix", "PrefixEncoder"]
@@ -174,9 +180,10 @@ class Prefix(Delta):
             delattr(self.model, self.container)
 
     # ---- on disk: PEFT's PREFIX_TUNING layout ------------------------------------------------------
-    def export_state(self) -> dict[str, torch.Tensor]:
-        """`prompt_embeddings`: the folded prefix [k, layers * 2 * kv_dim]."""
-        return {PROMPT_KEY: self.module()().detach()}
+    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`prompt_embeddings`: the folded prefix [k, layers * 2 * kv_dim] (from `state`, full
+        tensors by in-memory name, if given)."""
+        return {PROMPT_KEY: output_with(self.module(), f"{self.container}.{self.name}.", state).detach()}
 
     def import_state(self, stored: dict[str, torch.Tensor], source: str = "adapter") -> None:
         value = stored.get(PROMPT_KEY)

@@ -28,7 +28,7 @@ from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.virtual import PromptHost, backbone_of
 from deltatune.errors import UserError
 
-__all__ = ["TokenInitConfig", "PromptConfig", "Prompt", "PromptTable", "init_token_ids", "text_config"]
+__all__ = ["TokenInitConfig", "PromptConfig", "Prompt", "PromptTable", "init_token_ids", "output_with", "text_config"]
 
 PROMPT_KEY = "prompt_embeddings"
 """PEFT's on-disk key for the virtual tokens of every prompt-learning method."""
@@ -144,9 +144,10 @@ class Prompt(Delta):
             delattr(self.model, self.container)
 
     # ---- on disk: PEFT's prompt-learning layout ----------------------------------------------------
-    def export_state(self) -> dict[str, torch.Tensor]:
-        """`prompt_embeddings`: the [k, hidden] virtual tokens (an encoder's output, for P-tuning)."""
-        return {PROMPT_KEY: self.prompt_embeddings().detach()}
+    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`prompt_embeddings`: the [k, hidden] virtual tokens (an encoder's output, for P-tuning),
+        computed from `state` (full tensors by in-memory name, e.g. gathered FSDP shards) if given."""
+        return {PROMPT_KEY: output_with(self.module(), f"{self.container}.{self.name}.", state).detach()}
 
     def import_state(self, stored: dict[str, torch.Tensor], source: str = "adapter") -> None:
         value = stored.get(PROMPT_KEY)
@@ -189,6 +190,13 @@ class Prompt(Delta):
         are loaded next), so it is `random`: loading never needs the init text's tokenizer."""
         _single_submodule(peft)
         return PromptConfig(num_virtual_tokens=peft["num_virtual_tokens"], init="random")
+
+
+def output_with(module: nn.Module, prefix: str, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """`module()`, with its parameters replaced by `state[prefix + name]` when `state` is given."""
+    if state is None:
+        return module()
+    return torch.func.functional_call(module, {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, ())
 
 
 def init_token_ids(model: nn.Module, cfg: Any, k: int) -> torch.Tensor:
