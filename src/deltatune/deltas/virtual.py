@@ -66,12 +66,26 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def _insert(x: torch.Tensor, index: torch.Tensor, length: int, fill: torch.Tensor | float = 0) -> torch.Tensor:
-    """Scatter x [B, T, ...] to positions index [B, T] of a new [B, length, ...] tensor."""
-    shape = (x.shape[0], length, *x.shape[2:])
-    out = torch.full(shape, fill, dtype=x.dtype, device=x.device) if not isinstance(fill, torch.Tensor) else fill
-    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    return out.scatter(1, expanded, x)
+class _Layout:
+    """Where k virtual slots go in front of each sequence start (starts [B, T] bool).
+
+    `index` [B, T]: the new column of each real token; `rows`, `slots` [docs, k]: the row and the
+    columns of each start's virtual slots; `length`: the new row length.
+    """
+
+    def __init__(self, starts: torch.Tensor, k: int) -> None:
+        self.index = torch.arange(starts.shape[1], device=starts.device) + k * starts.long().cumsum(dim=1)
+        self.length = starts.shape[1] + k * int(starts.sum(dim=1).max())
+        self.rows, cols = starts.nonzero(as_tuple=True)
+        self.slots = self.index[self.rows, cols][:, None] - k + torch.arange(k, device=starts.device)
+
+    def place(self, real: torch.Tensor, virtual: torch.Tensor | int) -> torch.Tensor:
+        """real [B, T, ...] at their new columns, `virtual` ([docs, k, ...] or a scalar) in the slots,
+        zeros elsewhere (the tail of rows with fewer documents): [B, length, ...]."""
+        out = real.new_zeros((real.shape[0], self.length, *real.shape[2:]))
+        index = self.index.view(*self.index.shape, *([1] * (real.dim() - 2))).expand_as(real)
+        out = out.scatter(1, index, real)
+        return out.index_put((self.rows[:, None].expand_as(self.slots), self.slots), torch.as_tensor(virtual, dtype=out.dtype, device=out.device))
 
 
 class PromptHost:
@@ -146,7 +160,6 @@ class PromptHost:
         if embeds is None:
             embeds = self.backbone.get_input_embeddings()(ids)
         batch, length = embeds.shape[:2]
-        k = visible.shape[1]
         mixed = any(s.row_mask is not None for s in self.active())  # (a host check: no device sync)
         mask, positions = kw.get("attention_mask"), kw.get("position_ids")
         if positions is not None:
@@ -156,30 +169,21 @@ class PromptHost:
             raise ValueError("a mixed-adapter batch cannot hold packed rows; give an attention_mask instead")
         starts = document_starts(positions) if packed else torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
         starts[:, 0] = True
-        index = torch.arange(length, device=embeds.device) + k * starts.long().cumsum(dim=1)  # new column of token t
-        new_length = length + k * int(starts.sum(dim=1).max())
-        rows, cols = starts.nonzero(as_tuple=True)
-        slots = index[rows, cols][:, None] - k + torch.arange(k, device=embeds.device)  # [docs, k]
+        layout = _Layout(starts, visible.shape[1])
 
         prompt = torch.cat([s.prompt_embeddings() for s in self.active()]).to(embeds.dtype)  # [k, H]
-        out = _insert(embeds, index, new_length)
-        out = out.index_put((rows[:, None].expand_as(slots), slots), prompt.expand(len(rows), -1, -1))
-        kw["inputs_embeds"] = out
-
-        shift = visible.sum(dim=1, keepdim=True)
+        kw["inputs_embeds"] = layout.place(embeds, prompt.expand(len(layout.rows), -1, -1))
         if positions is not None or mixed:
+            # Real tokens move up by the virtual tokens the row sees; visible slots count 0, 1, ...
             base = positions if positions is not None else torch.arange(length, device=embeds.device).expand(batch, -1)
-            slot_positions = (visible.long().cumsum(dim=1) - 1).clamp(min=0)  # visible slots count 0, 1, ...
-            new_positions = _insert(base + shift, index, new_length)
-            new_positions = new_positions.index_put((rows[:, None].expand_as(slots), slots), slot_positions[rows])
-            kw["position_ids"] = new_positions
+            slot_positions = (visible.long().cumsum(dim=1) - 1).clamp(min=0)
+            kw["position_ids"] = layout.place(base + visible.sum(dim=1, keepdim=True), slot_positions[layout.rows])
         if mask is not None or mixed:
             real = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-            new_mask = _insert(real, index, new_length)
-            kw["attention_mask"] = new_mask.index_put((rows[:, None].expand_as(slots), slots), visible[rows].to(real.dtype))
+            kw["attention_mask"] = layout.place(real, visible[layout.rows].to(real.dtype))
         if kw.get("token_type_ids") is not None:
-            kw["token_type_ids"] = _insert(kw["token_type_ids"], index, new_length)
-        self._index = index
+            kw["token_type_ids"] = layout.place(kw["token_type_ids"], 0)
+        self._index = layout.index
         return kw
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
