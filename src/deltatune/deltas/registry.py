@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from deltatune.deltas.adapter import Adapter
 from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.bitfit import Bitfit
 from deltatune.deltas.diffprune import DiffPrune
@@ -9,6 +10,10 @@ from deltatune.deltas.freezing import Freeze
 from deltatune.deltas.full import Full
 from deltatune.deltas.ia3 import IA3
 from deltatune.deltas.lora import Lora
+from deltatune.deltas.prefix import Prefix
+from deltatune.deltas.prompt import Prompt
+from deltatune.deltas.ptuning import PTuning
+from deltatune.deltas.ptuning2 import PTuning2
 from deltatune.deltas.select import Head
 from deltatune.errors import ConfigError, nearest
 
@@ -22,6 +27,11 @@ METHODS: dict[str, type[Delta]] = {
     "bitfit": Bitfit,
     "ia3": IA3,
     "diffprune": DiffPrune,
+    "prompt": Prompt,
+    "prefix": Prefix,
+    "ptuning": PTuning,
+    "ptuning2": PTuning2,
+    "adapter": Adapter,
 }
 
 

@@ -38,11 +38,17 @@ DEMO_CONFIG: dict[str, Any] = {
 
 
 def demo_config(output_dir: str = "runs/demo", overrides: list[str] | None = None):
-    """The demo's RunConfig; `overrides` (key=value) change it, e.g. `delta.method=ia3`."""
-    from deltatune.config import load_config
+    """The demo's RunConfig; `overrides` (key=value) change it, e.g. `delta.method=ia3`. Another
+    method starts from its own defaults (the demo's LoRA settings mean nothing to it)."""
+    from deltatune.config import load_config, parse_overrides
 
+    overrides = list(overrides or [])
+    base = DEMO_CONFIG
+    method = parse_overrides([o for o in overrides if o.startswith("delta.method=")]).get("delta", {}).get("method")
+    if method and method != DEMO_CONFIG["delta"]["method"]:
+        base = {**DEMO_CONFIG, "delta": {"method": method}}
     paths = [f"output_dir={output_dir}", f"data.train={DATA_DIR / 'train.jsonl'}", f"data.eval={DATA_DIR / 'eval.jsonl'}"]
-    return load_config(None, paths + list(overrides or []), base=DEMO_CONFIG)
+    return load_config(None, paths + overrides, base=base)
 
 
 def score(model, tokenizer, prompts: list[dict[str, str]], max_new_tokens: int = 40) -> dict[str, Any]:

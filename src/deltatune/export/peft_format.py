@@ -43,9 +43,13 @@ _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 def peft_task_type(model: nn.Module) -> str | None:
-    """PEFT's `task_type` for a model class (None for a bare backbone or a masked LM)."""
+    """PEFT's `task_type` for a model class (FEATURE_EXTRACTION for a bare backbone such as
+    `BertModel`, which PEFT's prompt-learning methods need; None for a masked LM)."""
     name = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    task = next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    if task is None and getattr(model, "base_model", None) is model:
+        return "FEATURE_EXTRACTION"
+    return task
 
 
 def _write_atomic_dir(target: Path, fill) -> None:
