@@ -152,3 +152,52 @@ def test_tokens_stage_and_predict(tmp_path: Path):
     assert result.exit_code == 0, result.output
     tagged = json.loads(result.output.splitlines()[-1])
     assert tagged["words"] == ["Empire", "State", "Building", "in", "New", "York"] and len(tagged["tags"]) == 6
+
+
+def _mlm_cfg(tmp_path: Path, data: Path, out: str, *extra: str):
+    return load_config(
+        None,
+        ["model=tiny-bert", "stage=mlm", f"data.train={data}", "data.eval_split=0.2", "data.max_length=24",
+         "train.batch_size=4", "train.lr=5e-3", "train.schedule=constant", "train.warmup=0", "delta.r=4",
+         "delta.dropout=0.1", f"output_dir={tmp_path / out}", *extra],
+    )
+
+
+def test_mlm_resume_is_exact_and_export_matches_merged_model(tmp_path: Path):
+    from transformers import AutoModel
+
+    from deltatune.recipes.common import load_trained
+
+    rows = [{"text": " ".join(random.Random(i).sample(["red", "blue", "cat", "dog", "sky", "sea", "run", "big"], 5))} for i in range(30)]
+    data = write_jsonl(tmp_path / "text.jsonl", rows)
+    straight = run_stage(_mlm_cfg(tmp_path, data, "a", "train.max_steps=6", "mlm.export_model=true"), QUIET)
+    run_stage(_mlm_cfg(tmp_path, data, "b", "train.max_steps=3", "mlm.export_model=false"), QUIET)
+    resumed = run_stage(_mlm_cfg(tmp_path, data, "b", "train.max_steps=6", "resume=true", "mlm.export_model=false"), QUIET)
+    assert resumed["steps"] == straight["steps"] == 6
+    assert straight["methods"] == ["lora", "head"]  # the MLM head trains with LoRA
+    for sub in ("adapter_model.safetensors", "1-head/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "a/adapter" / sub)), load_file(str(tmp_path / "b/adapter" / sub))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same masks, order, dropout
+    # the exported encoder computes what the tuned model's encoder computes (deltas merged)
+    cfg = load_config(tmp_path / "a/config.yaml")
+    model, deltas = load_trained(cfg, tmp_path / "a", "masked-lm")
+    exported = AutoModel.from_pretrained(tmp_path / "a/model").eval()
+    ids = torch.tensor([[101, 2417, 2630, 4937, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).last_hidden_state, model.base_model(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
+def test_pt_lowers_held_out_perplexity_and_eval_reports_it(tmp_path: Path):
+    from deltatune.eval.report import evaluate_run
+
+    sentence = "deltatune trains small deltas over frozen models and saves them in the PEFT layout."
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"{sentence} Document {i}."} for i in range(20)])
+    cfg = load_config(
+        None,
+        ["model=tiny-llama", "stage=pt", f"data.train={data}", "data.eval_split=0.2", "data.max_length=64",
+         "train.max_steps=12", "train.batch_size=2", "train.lr=1e-2", "delta.dropout=0", f"output_dir={tmp_path / 'run'}"],
+    )
+    summary = run_stage(cfg, QUIET)
+    report = evaluate_run(tmp_path / "run", log=QUIET)
+    assert report["tuned"]["perplexity"] == pytest.approx(summary["eval_metrics"]["perplexity"], rel=1e-4)
+    assert report["tuned"]["perplexity"] < 0.7 * report["base"]["perplexity"]  # the repeated sentence is being learnt

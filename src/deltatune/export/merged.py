@@ -56,11 +56,17 @@ def save_merged_backbone(
             f"cannot export a merged model: method(s) {', '.join(unmergeable)} cannot be merged into the weights; "
             "set mlm.export_model: false, or use a mergeable method (lora, head, ...)"
         )
+    # merge -> unmerge is not bit-exact in floating point, and the tuned weights (a head inside a
+    # LoRA-wrapped layer, for one) must stay exactly as trained: restore them from a copy
+    before = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     deltas.merge()
     try:
         tuned = plain_state_dict(model.base_model)
     finally:
         deltas.unmerge()
+        with torch.no_grad():
+            for key, value in model.state_dict(keep_vars=True).items():
+                value.copy_(before[key])
     backbone, _ = load_model(base_spec, task="base")
     missing, unexpected = backbone.load_state_dict(tuned, strict=False)
     if unexpected:

@@ -1,0 +1,69 @@
+"""Every example config of the pt/mlm/classify/tokens stages parses, and runs a few steps on a tiny
+model of the same family (the real runs and their numbers: docs/stages.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deltatune.config import load_config
+from deltatune.recipes import run_stage
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = {"minilm-l6": "tiny-bert", "smollm2-135m-instruct": "tiny-llama"}
+QUIET = lambda *_: None  # noqa: E731
+
+
+def _short(path: Path, tmp: Path, *extra: str) -> list[str]:
+    raw = load_config(path)
+    # enough NER sentences that every tag type is seen; few documents for pt (long ones)
+    samples = {"tokens": 400, "pt": 12}.get(raw.stage, 48)
+    return [
+        f"output_dir={tmp / path.stem}",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        f"data.max_samples={samples}",
+        "data.max_length=48",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("name", ["classify-tweets-lora", "classify-tweets-head", "tokens-ner", "pt-docs"])
+def test_config_runs_on_a_tiny_model(name: str, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # configs name data files relative to the repository
+    path = CONFIGS / f"{name}.yaml"
+    cfg = load_config(path, _short(path, tmp_path, f"model={TINY[load_config(path).model]}"))
+    summary = run_stage(cfg, QUIET)
+    assert summary["steps"] == 2 and summary["eval_metrics"]
+
+
+def test_mlm_then_classify_from_the_exported_encoder(tmp_path: Path):
+    mlm_path, classify_path = CONFIGS / "mlm-tweets.yaml", CONFIGS / "classify-tweets-after-mlm.yaml"
+    mlm = run_stage(load_config(mlm_path, _short(mlm_path, tmp_path, "model=tiny-bert")), QUIET)
+    exported = Path(mlm["exported_model"])
+    assert (exported / "model.safetensors").is_file() and (exported / "tokenizer.json").is_file()
+    cfg = load_config(classify_path, _short(classify_path, tmp_path, f"model={exported}"))
+    summary = run_stage(cfg, QUIET)
+    assert summary["model"] == str(exported) and "accuracy" in summary["eval_metrics"]
+
+
+def test_mlm_and_classify_configs_hold_out_the_same_tweets(tmp_path: Path):
+    from deltatune.data.dataset import read_splits
+    from deltatune.data.readers import read_records
+    from deltatune.data.text import read_texts
+
+    mlm = load_config(CONFIGS / "mlm-tweets.yaml")
+    classify = load_config(CONFIGS / "classify-tweets-lora.yaml")
+    _, mlm_eval = read_splits(mlm.data, lambda p: read_texts(p, mlm.data.format), mlm.train.seed)
+    _, classify_eval = read_splits(classify.data, read_records, classify.train.seed)
+    assert len(mlm_eval) == 1000
+    assert [source for _, source in mlm_eval] == [r.source for r in classify_eval]
+
+
+def test_every_config_of_these_stages_is_tested():
+    mine = {"pt", "mlm", "classify", "tokens"}
+    names = {p.stem for p in CONFIGS.glob("*.yaml") if load_config(p).stage in mine}
+    assert names == {"classify-tweets-lora", "classify-tweets-head", "tokens-ner", "pt-docs", "mlm-tweets", "classify-tweets-after-mlm"}
+    assert json.dumps(sorted(names))
