@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from deltatune.config import load_config
 from deltatune.recipes import run_stage
+from tests.helpers import write_jsonl
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -195,7 +195,7 @@ def test_pt_lowers_held_out_perplexity_and_eval_reports_it(tmp_path: Path):
     cfg = load_config(
         None,
         ["model=tiny-llama", "stage=pt", f"data.train={data}", "data.eval_split=0.2", "data.max_length=64",
-         "train.max_steps=12", "train.batch_size=2", "train.lr=1e-2", "delta.dropout=0", f"output_dir={tmp_path / 'run'}"],
+         "train.max_steps=8", "train.batch_size=2", "train.lr=2e-2", "delta.dropout=0", f"output_dir={tmp_path / 'run'}"],
     )
     summary = run_stage(cfg, QUIET)
     report = evaluate_run(tmp_path / "run", log=QUIET)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
 
 from deltatune.config import load_config
 from deltatune.data.classify import ClassifyRow, build_classify_data, collate_classify
@@ -17,6 +16,7 @@ from deltatune.data.text import build_pt_data, chunk_document
 from deltatune.data.tokenize import IGNORE
 from deltatune.errors import DataError
 from deltatune.models import load_tokenizer
+from tests.helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")
