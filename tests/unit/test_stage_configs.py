@@ -38,9 +38,3 @@ def test_mlm_and_classify_configs_hold_out_the_same_tweets(tmp_path: Path):
     _, classify_eval = read_splits(classify.data, read_records, classify.train.seed)
     assert len(mlm_eval) == 1000
     assert [source for _, source in mlm_eval] == [r.source for r in classify_eval]
-
-
-def test_every_config_of_these_stages_is_tested():
-    mine = {"pt", "mlm", "classify", "tokens"}
-    names = {p.stem for p in CONFIGS.glob("*.yaml") if load_config(p).stage in mine}
-    assert names == {"classify-tweets-lora", "classify-tweets-head", "tokens-ner", "pt-docs", "mlm-tweets", "classify-tweets-after-mlm"}

@@ -107,3 +107,21 @@ def test_mlm_loss_head_path_equals_full_logits(tiny_bert):
     full = masked_lm_loss_sum(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, labels)
     assert count == 3
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_class_weights_from_config():
+    from deltatune.config import ClassifyConfig
+    from deltatune.data.labels import LabelSet
+    from deltatune.errors import ConfigError
+    from deltatune.recipes.classify import class_weights
+
+    labels = LabelSet(("neg", "neu", "pos"))
+    train = [0, 0, 0, 1, 1, 2]
+    assert class_weights(ClassifyConfig(), labels, train) is None
+    assert class_weights(ClassifyConfig(class_weights="balanced"), labels, train).tolist() == pytest.approx([2 / 3, 1, 2])
+    assert class_weights(ClassifyConfig(class_weights={"pos": 3.0}), labels, train).tolist() == [1.0, 1.0, 3.0]
+    assert class_weights(ClassifyConfig(class_weights=[1, 2, 3]), labels, train).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ConfigError, match=r"unknown label\(s\) \['posi'\]"):
+        class_weights(ClassifyConfig(class_weights={"posi": 3.0}), labels, train)
+    with pytest.raises(ConfigError, match="has 2 weights for 3 labels"):
+        class_weights(ClassifyConfig(class_weights=[1, 2]), labels, train)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -136,8 +135,3 @@ def build_tokens_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, labels
         eval_rows, line = _rows(evaluation, labels, tokenizer, cfg.data.max_length, f"eval ({cfg.data.eval or 'split'})")
         lines.append(line)
     return TokensData(train_rows, eval_rows, labels, lines)
-
-
-def words_of(path: str | Path) -> list[list[str]]:
-    """Sentences to tag for prediction: one per line, words split on whitespace."""
-    return [line.split() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
