@@ -27,6 +27,10 @@ _API = {
     "load_deltas": "deltatune.export.peft_format",
     "generate": "deltatune.inference",
     "load_for_inference": "deltatune.inference",
+    "evaluate_run": "deltatune.eval.report",
+    "load_run": "deltatune.predict",
+    "classify_texts": "deltatune.predict",
+    "tag_sentences": "deltatune.predict",
 }
 
 __all__ = [*_API, "run"]

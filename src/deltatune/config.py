@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deltatune.deltas.base import DeltaConfig
 from deltatune.errors import ConfigError, nearest
@@ -26,6 +34,9 @@ __all__ = [
     "StrictModel",
     "DataConfig",
     "TrainConfig",
+    "ClassifyConfig",
+    "TokensConfig",
+    "MlmConfig",
     "RunConfig",
     "load_config",
     "parse_overrides",
@@ -57,6 +68,9 @@ class DataConfig(StrictModel):
     """Also compute the loss on prompt (system/user) tokens, not only on assistant replies."""
     system: str | None = None
     """A system message added to conversations that have none (else the template's default)."""
+    max_samples: int | None = Field(None, ge=1)
+    """Read at most this many examples of each data file: a random subset drawn with `train.seed`,
+    taken before `eval_split` (LLaMA-Factory's `max_samples`)."""
 
 
 class TrainConfig(StrictModel):
@@ -105,17 +119,85 @@ class TrainConfig(StrictModel):
     (a rank that crashed or hangs then stops the whole job instead of blocking it)."""
 
 
+# --- stage groups: settings that only one stage family reads (docs/stages.md) ---------------------
+
+
+class ClassifyConfig(StrictModel):
+    """Sequence classification (`stage: classify`)."""
+
+    text_field: str = "text"
+    """Record field holding the text to classify."""
+    label_field: str = "label"
+    """Record field holding the label: a name (`positive`) or an id (`2`)."""
+    label_names: list[str] | None = None
+    """The labels in id order; default: the distinct labels of the training data (sorted), or
+    `0..max` when they are all ids. Give them to fix the order or to allow labels the training
+    data lacks."""
+    num_labels: int | None = Field(None, ge=2)
+    """Number of classes; default: from `label_names` or the data."""
+    class_weights: list[float] | dict[str, float] | Literal["balanced"] | None = None
+    """Weights of the classes in the loss: a list in label order, a mapping label -> weight, or
+    `balanced` (n_examples / (n_classes * n_class), as scikit-learn). Default: all 1."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClassifyConfig:
+        if self.label_names is not None:
+            if len(set(self.label_names)) != len(self.label_names) or len(self.label_names) < 2:
+                raise ValueError("classify.label_names must hold at least 2 distinct names")
+            if self.num_labels is not None and self.num_labels != len(self.label_names):
+                raise ValueError(f"classify.num_labels={self.num_labels} but label_names has {len(self.label_names)} names")
+        return self
+
+
+class TokensConfig(StrictModel):
+    """Token classification, e.g. named entities (`stage: tokens`)."""
+
+    tokens_field: str = "tokens"
+    """JSONL field holding the words of a sentence (CoNLL/BIO text files need no field names)."""
+    tags_field: str = "tags"
+    """JSONL field holding one tag per word (`B-person`, `I-person`, `O`, ...)."""
+    label_names: list[str] | None = None
+    """All tags in id order; default: the tags of the training data (`O` first, then sorted)."""
+
+
+class MlmConfig(StrictModel):
+    """Masked language modelling (`stage: mlm`), as BERT (Devlin et al. 2019, sec. 3.1)."""
+
+    probability: float = Field(0.15, gt=0, lt=1)
+    """Fraction of (non-special) tokens chosen as prediction targets."""
+    mask_fraction: float = Field(0.8, ge=0, le=1)
+    """Of the chosen tokens, the fraction replaced by the mask token."""
+    random_fraction: float = Field(0.1, ge=0, le=1)
+    """Of the chosen tokens, the fraction replaced by a random token (the rest stay unchanged)."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> MlmConfig:
+        if self.mask_fraction + self.random_fraction > 1:
+            raise ValueError("mlm.mask_fraction + mlm.random_fraction must be at most 1")
+        return self
+    export_model: bool = True
+    """Also write the adapted encoder (deltas merged, without the MLM head) to OUTPUT_DIR/model/,
+    a Hugging Face directory that a later run can name as its `model:`."""
+
+
 class RunConfig(StrictModel):
     model: str
     """Built-in alias (`deltatune models`), a local Hugging Face directory, a .gguf file, or a hub id."""
-    stage: Literal["sft"] = "sft"
-    """Training stage (objective)."""
+    stage: Literal["sft", "pt", "mlm", "classify", "tokens"] = "sft"
+    """Training stage (objective): `pt` (causal LM on raw text), `mlm` (masked LM), `sft`,
+    `classify` (sequence classification), `tokens` (token classification / NER)."""
     data: DataConfig = DataConfig()
     """Where the data comes from and how it is prepared."""
     delta: list[SerializeAsAny[DeltaConfig]] = Field(default_factory=lambda: [{"method": "lora"}], validate_default=True)
     """The delta (method) to train: one config, or a list of them to compose."""
     train: TrainConfig = TrainConfig()
     """Optimisation and loop settings."""
+    classify: ClassifyConfig = ClassifyConfig()
+    """Settings of `stage: classify`."""
+    tokens: TokensConfig = TokensConfig()
+    """Settings of `stage: tokens`."""
+    mlm: MlmConfig = MlmConfig()
+    """Settings of `stage: mlm`."""
     output_dir: str = "runs/run"
     """Run directory: adapter, checkpoints, metrics, summary, config."""
     resume: bool = False

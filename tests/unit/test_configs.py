@@ -11,7 +11,11 @@ from deltatune.recipes import run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-TINY = {"smollm2-135m-instruct": "tiny-llama", "minilm-l6": "tiny-bert"}
+TINY = {
+    "smollm2-135m-instruct": "tiny-llama",
+    "minilm-l6": "tiny-bert",
+    "runs/mlm-tweets/model": "tiny-bert",  # written by configs/mlm-tweets.yaml (chain: tests/unit/test_stage_configs.py)
+}
 
 
 def test_there_are_example_configs():
@@ -23,7 +27,7 @@ def test_config_runs_briefly_on_a_tiny_model(path, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # data paths in the configs are relative to the repository root
     raw = read_yaml(path)
     overrides = [f"model={TINY.get(raw['model'], raw['model'])}", "train.max_steps=2", "train.eval_every=0",
-                 "train.save_every=0", f"output_dir={tmp_path / 'run'}"]
+                 "train.save_every=0", "data.max_samples=16", f"output_dir={tmp_path / 'run'}"]
     cfg = load_config(path, overrides)
     summary = run_stage(cfg, lambda *_: None)
     assert summary["steps"] == 2

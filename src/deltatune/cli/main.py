@@ -1,4 +1,4 @@
-"""`deltatune` subcommands: train, generate, chat, demo, inspect, models.
+"""`deltatune` subcommands: train, eval, predict, generate, chat, demo, inspect, models.
 
 User mistakes (`UserError`) print one clear message and exit with status 2, no traceback.
 """
@@ -124,6 +124,55 @@ def demo(
     from deltatune.demo import run_demo
 
     run_demo(output_dir=output_dir, overrides=overrides)
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[Path, typer.Argument(help="A config file (its output_dir is the run) or a run directory.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Overrides as dotted key=value, e.g. data.eval=test.csv.")] = None,
+) -> None:
+    """Score the base and the tuned model of a run on its eval split (the stage's metrics); the
+    report goes into the run's summary.json under `eval`."""
+    _quiet_libraries()
+    from deltatune.eval.report import evaluate_run
+
+    evaluate_run(target, overrides or [])
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory of a classify or tokens run.")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to label (for tokens runs: sentences, words split on spaces).")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="Read the texts from this file, one per line.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per text.")] = False,
+) -> None:
+    """Label new text with a trained classifier (label + probabilities) or tagger (a tag per word)."""
+    import json
+
+    items = list(texts or [])
+    if file is not None:
+        if not file.is_file():
+            raise UserError(f"--file {file}: no such file")
+        items += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items:
+        raise UserError('give texts to label: deltatune predict RUN "some text" ... (or --file FILE)')
+    _quiet_libraries()
+    from deltatune.predict import classify_texts, load_run, tag_sentences
+
+    loaded = load_run(run)
+    if loaded.cfg.stage == "classify":
+        for text, result in zip(items, classify_texts(loaded, items), strict=True):
+            if as_json:
+                typer.echo(json.dumps({"text": text, **result}))
+            else:
+                probs = "  ".join(f"{name} {p:.3f}" for name, p in result["probabilities"].items())
+                typer.echo(f"{result['label']}\t{probs}\t{text}")
+    else:
+        for result in tag_sentences(loaded, [text.split() for text in items]):
+            if as_json:
+                typer.echo(json.dumps(result))
+            else:
+                typer.echo(" ".join(f"{w}/{t}" if t != "O" else w for w, t in zip(result["words"], result["tags"], strict=True)))
 
 
 @app.command()

@@ -7,8 +7,9 @@ loss of 0 or NaN with completion-only masking) and reports how many examples wer
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -19,7 +20,9 @@ from deltatune.data.readers import read_records
 from deltatune.data.tokenize import Tokenized, tokenize_conversation, tokenize_text
 from deltatune.errors import DataError
 
-__all__ = ["DataReport", "load_examples", "tokenize_examples", "build_sft_data"]
+__all__ = ["DataReport", "load_examples", "tokenize_examples", "read_splits", "build_sft_data"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,24 +91,36 @@ def _rows(examples: Sequence[Tokenized], cfg: DataConfig) -> list[Row]:
     return pack(examples, cfg.max_length) if cfg.packing else as_rows(examples)
 
 
+def _subsample(items: list[T], max_samples: int | None, seed: int) -> list[T]:
+    if max_samples is None or len(items) <= max_samples:
+        return items
+    picked = sorted(random.Random(seed).sample(range(len(items)), max_samples))
+    return [items[i] for i in picked]
+
+
+def read_splits(cfg: DataConfig, read: Callable[[str], list[T]], seed: int = 0) -> tuple[list[T], list[T]]:
+    """Training and eval items (eval possibly empty): each file read with `read` and cut to
+    `cfg.max_samples`; without `cfg.eval`, a seeded `cfg.eval_split` of the training items is held out."""
+    if not cfg.train:
+        raise DataError("data.train is not set: give the path of a training data file")
+    train = _subsample(read(cfg.train), cfg.max_samples, seed)
+    if cfg.eval:
+        return train, _subsample(read(cfg.eval), cfg.max_samples, seed)
+    if cfg.eval_split <= 0:
+        return train, []
+    shuffled = list(train)
+    random.Random(seed).shuffle(shuffled)
+    cut = max(1, round(len(shuffled) * cfg.eval_split))
+    if cut >= len(shuffled):
+        raise DataError(f"{cfg.train}: data.eval_split={cfg.eval_split} leaves no training examples")
+    return shuffled[cut:], shuffled[:cut]
+
+
 def build_sft_data(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
 ) -> tuple[list[Row], list[Row], list[DataReport]]:
     """Training rows, eval rows (possibly empty) and a report per split."""
-    if not cfg.train:
-        raise DataError("data.train is not set: give the path of a training data file")
-    train = load_examples(cfg.train, cfg.format, cfg.system)
-    if cfg.eval:
-        evaluation = load_examples(cfg.eval, cfg.format, cfg.system)
-    elif cfg.eval_split > 0:
-        shuffled = list(train)
-        random.Random(seed).shuffle(shuffled)
-        cut = max(1, round(len(shuffled) * cfg.eval_split))
-        if cut >= len(shuffled):
-            raise DataError(f"{cfg.train}: data.eval_split={cfg.eval_split} leaves no training examples")
-        train, evaluation = shuffled[cut:], shuffled[:cut]
-    else:
-        evaluation = []
+    train, evaluation = read_splits(cfg, lambda path: load_examples(path, cfg.format, cfg.system), seed)
     train_tok, train_report = tokenize_examples(train, tokenizer, cfg, f"train ({cfg.train})")
     reports = [train_report]
     eval_rows: list[Row] = []

@@ -5,18 +5,25 @@ The order of an epoch is a permutation drawn from (seed, epoch) alone, so a run 
 several processes, each rank takes every `world_size`-th batch-sized slice of the permutation,
 so ranks never overlap and together cover the epoch. The saved position also counts the rows of
 the epoch consumed by all ranks together, so a run can resume with another number of processes.
+
+Rows are `Row`s collated by `collate` unless a stage passes its own rows and `collate_fn(rows,
+epoch)` (classification rows, MLM masking that depends on the epoch, preference pairs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from deltatune.data.collate import Row, collate
 from deltatune.errors import DataError, TrainingError
 
-__all__ = ["BatchStream"]
+__all__ = ["BatchStream", "CollateFn", "eval_batches"]
+
+CollateFn = Callable[[Sequence[Any], int], dict[str, torch.Tensor]]
+"""(rows of one micro-batch, epoch) -> batch of tensors."""
 
 
 class BatchStream:
@@ -35,11 +42,13 @@ class BatchStream:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        collate_fn: CollateFn | None = None,
     ) -> None:
         if len(rows) < batch_size * world_size:
             batch_size = max(1, len(rows) // world_size)
         self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.collate_fn = collate_fn or (lambda batch_rows, epoch: collate(batch_rows, pad_id))
         self.epoch, self.index = 0, 0
         """Position: the next micro-batch is number `index` (per rank) of epoch `epoch`."""
         self._order_cache: tuple[int, list[int]] = (-1, [])
@@ -77,7 +86,7 @@ class BatchStream:
         order = self._order(self.epoch)
         start = (self.index * self.world_size + self.rank) * self.batch_size
         self.index += 1
-        return collate([self.rows[i] for i in order[start : start + self.batch_size]], self.pad_id)
+        return self.collate_fn([self.rows[i] for i in order[start : start + self.batch_size]], self.epoch)
 
     def state_dict(self) -> dict[str, int]:
         """The position; `rows` (of this epoch, all ranks together) does not depend on the world size."""
@@ -96,7 +105,10 @@ class BatchStream:
             self.index = int(state["rows"]) // per_index
 
 
-def eval_batches(rows: Sequence[Row], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Every row once, in order, in batches (the last may be smaller)."""
+def eval_batches(
+    rows: Sequence[Any], batch_size: int, pad_id: int, collate_fn: CollateFn | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Every row once, in order, in batches (the last may be smaller); `collate_fn` sees epoch 0."""
     for start in range(0, len(rows), batch_size):
-        yield collate(rows[start : start + batch_size], pad_id)
+        chunk = rows[start : start + batch_size]
+        yield collate_fn(chunk, 0) if collate_fn else collate(chunk, pad_id)

@@ -1,12 +1,18 @@
 """Read data files into records, each remembering where it came from (for error messages).
 
 Supported: .jsonl (one JSON object per line), .json (a list of objects, or an object holding one
-list), .csv (header row), .parquet, .txt (documents separated by blank lines -> {"text": ...}).
+list), .csv (header row), .parquet, .txt (documents separated by blank lines -> {"text": ...}),
+and CoNLL/BIO token files (.conll .bio .iob; `read_conll` also reads them under other names):
+one `token<TAB or spaces>tag` per line, a blank line between sentences -> {"tokens", "tags"}.
+
+A path `pkg:NAME/inner/path` names a file inside an installed Python package (found with
+`importlib.util.find_spec`, never imported), so example configs can use the packaged data sets.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +20,10 @@ from typing import Any
 
 from deltatune.errors import DataError
 
-__all__ = ["Record", "read_records", "SUFFIXES"]
+__all__ = ["Record", "read_records", "read_conll", "resolve_data_path", "SUFFIXES", "CONLL_SUFFIXES"]
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+CONLL_SUFFIXES = (".conll", ".bio", ".iob")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", *CONLL_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -92,12 +99,68 @@ def _read_txt(path: Path) -> list[Record]:
     return records
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}
+def read_conll(path: str | Path) -> list[Record]:
+    """Sentences of a CoNLL/BIO file as records {"tokens": [...], "tags": [...]}.
+
+    Each line is `token<TAB>tag` (tab-separated columns, else whitespace-separated); with more
+    columns (CoNLL-2003: token POS chunk tag) the first is the token and the last the tag. A blank
+    (or whitespace-only) line ends a sentence; `-DOCSTART-` lines are skipped. A record's source is
+    the line of its first token.
+    """
+    path = resolve_data_path(path)
+    records: list[Record] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate([*lines, ""], start=1):
+        if not line.strip():
+            if tokens:
+                records.append(Record({"tokens": tokens, "tags": tags}, f"{path}:{start}"))
+                tokens, tags = [], []
+            continue
+        columns = line.split("\t") if "\t" in line else line.split()
+        columns = [c.strip() for c in columns]
+        if columns[0].startswith("-DOCSTART-"):
+            continue
+        if len(columns) < 2 or not columns[0] or not columns[-1]:
+            raise DataError(
+                f"{path}:{number}: expected 'token<TAB>tag' (a blank line between sentences), got {line!r}"
+            )
+        if not tokens:
+            start = number
+        tokens.append(columns[0])
+        tags.append(columns[-1])
+    if not records:
+        raise DataError(f"{path}: no sentences in this file")
+    return records
+
+
+_READERS = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+    ".txt": _read_txt,
+    **dict.fromkeys(CONLL_SUFFIXES, read_conll),
+}
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """The file a data path names: `pkg:NAME/inner/path` is resolved inside installed package NAME."""
+    text = str(path)
+    if not text.startswith("pkg:"):
+        return Path(path)
+    package, _, inner = text[4:].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or spec.origin is None:
+        raise DataError(f"data path {text}: package '{package}' is not installed (e.g. `make install` installs the data packages)")
+    return Path(spec.origin).parent / inner
 
 
 def read_records(path: str | Path) -> list[Record]:
     """All records of a data file; a DataError naming the file (and line) when it cannot be read."""
-    path = Path(path)
+    path = resolve_data_path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     reader = _READERS.get(path.suffix.lower())

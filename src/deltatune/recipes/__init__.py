@@ -1,23 +1,36 @@
-"""Recipes: one readable loop per stage family. `STAGES` maps `stage:` to its entry point."""
+"""Recipes: one readable loop per stage family.
+
+`STAGES` maps `stage:` to its training entry point, `EVAL_SETUPS` to the function that loads a
+finished run for `deltatune eval` (model, deltas, eval batches); the stage's metric function is in
+`deltatune.eval.metrics.METRICS`. A new stage adds one line to each.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from deltatune.config import RunConfig
+from deltatune.recipes import classify, mlm, pt, sft, tokens
+from deltatune.recipes.common import EvalSetup
 
-__all__ = ["STAGES", "run_stage"]
-
-
-def _sft(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    from deltatune.recipes import sft
-
-    return sft.run(cfg, log)
-
+__all__ = ["STAGES", "EVAL_SETUPS", "run_stage"]
 
 STAGES: dict[str, Callable[[RunConfig, Callable[[str], None]], dict[str, Any]]] = {
-    "sft": _sft,
+    "sft": sft.run,
+    "pt": pt.run,
+    "mlm": mlm.run,
+    "classify": classify.run,
+    "tokens": tokens.run,
+}
+
+EVAL_SETUPS: dict[str, Callable[[RunConfig, Path], EvalSetup]] = {
+    "sft": sft.eval_setup,
+    "pt": pt.eval_setup,
+    "mlm": mlm.eval_setup,
+    "classify": classify.eval_setup,
+    "tokens": tokens.eval_setup,
 }
 
 

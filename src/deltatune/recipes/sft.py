@@ -7,36 +7,32 @@ The loss is next-token cross-entropy on assistant tokens (all tokens with
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from deltatune.config import RunConfig, config_to_yaml
+from deltatune.config import RunConfig
 from deltatune.data import BatchStream, build_sft_data, eval_batches
-from deltatune.deltas import attach
-from deltatune.export.outputs import save_outputs
-from deltatune.inference import save_chat_template
-from deltatune.models import load_model, load_tokenizer
+from deltatune.models import load_tokenizer
 from deltatune.objectives.clm import count_label_tokens, lm_loss
-from deltatune.train.dist import is_main, world_size
-from deltatune.train.logs import plot_losses
-from deltatune.train.loop import autocast_for, evaluate, resolve_device, train
-from deltatune.train.parallel import delta_weights
-from deltatune.train.rundir import prepare_run_dir
-from deltatune.train.summary import peak_memory_bytes, update_summary
+from deltatune.recipes.common import (
+    EvalSetup,
+    attach_deltas,
+    eval_loss_fn,
+    finish_run,
+    load_base,
+    load_trained,
+    start_run,
+)
+from deltatune.train.loop import resolve_device, train
 
-__all__ = ["run"]
+__all__ = ["run", "eval_setup"]
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data` and return the run's summary."""
     # --- setup: run directory, seed, data (before the model: bad data fails fast) -------------
-    run_dir = prepare_run_dir(cfg)
-    log(f"config (saved to {run_dir / 'config.yaml'}):\n{config_to_yaml(cfg)}")
-    random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
+    run_dir = start_run(cfg, log)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, reports = build_sft_data(cfg.data, tokenizer, cfg.train.seed)
     for report in reports:
@@ -44,19 +40,12 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     # --- model + delta ---------------------------------------------------------------------------
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(cfg.model, task="causal-lm")
-    deltas = attach(model, cfg.delta)
-    model.to(device)
-    trainable, total = deltas.num_trainable(), deltas.num_total()
-    log(f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.3f}%)")
+    model = load_base(cfg, task="causal-lm")
+    deltas = attach_deltas(model, cfg, device, log)
 
     # --- train -----------------------------------------------------------------------------------
     stream = BatchStream(train_rows, cfg.train.batch_size, tokenizer.pad_token_id, seed=cfg.train.seed)
-
-    def eval_fn() -> float:
-        batches = eval_batches(eval_rows, cfg.train.batch_size, tokenizer.pad_token_id)
-        return evaluate(model, batches, lm_loss, device, lambda: autocast_for(cfg.train, device))
-
+    batches = lambda: eval_batches(eval_rows, cfg.train.batch_size, tokenizer.pad_token_id)  # noqa: E731
     result = train(
         model,
         deltas,
@@ -65,33 +54,18 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         lambda batch: count_label_tokens(batch["labels"]),
         cfg.train,
         run_dir,
-        eval_fn=eval_fn if eval_rows else None,
+        eval_fn=eval_loss_fn(model, batches, lm_loss, cfg, device) if eval_rows else None,
         resume=cfg.resume,
         log=log,
     )
 
-    # --- save (rank 0 writes; under FSDP every rank first joins in gathering the weights) --------
-    weights = delta_weights(model, deltas)
-    values = {
-        "model": cfg.model,
-        "stage": cfg.stage,
-        "methods": [d.config.method for d in deltas],
-        "trainable_params": trainable,
-        "total_params": total,
-        "steps": result.step,
-        "final_loss": result.final_loss,
-        "final_eval_loss": result.final_eval_loss,
-        "train_tokens": result.train_tokens,
-        "tokens_per_s": result.tokens_per_s,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "wall_s": result.wall_s,
-        "processes": world_size(),
-    }
-    if not is_main():
-        return values
-    saved = save_outputs(deltas, run_dir, cfg.model, tokenizer, log, weights=weights)  # adapter/ (+ model/ for full)
-    save_chat_template(tokenizer, saved["adapter"])
-    plot_losses(run_dir)
-    summary = update_summary(run_dir, values)
-    log(f"saved {' and '.join(str(p) for p in saved.values())}; summary in {run_dir / 'summary.json'}")
-    return summary
+    # --- save ------------------------------------------------------------------------------------
+    return finish_run(cfg, run_dir, deltas, result, device, log, chat_tokenizer=tokenizer)
+
+
+def eval_setup(cfg: RunConfig, run_dir: Path) -> EvalSetup:
+    """The trained run's model and eval batches, for `deltatune eval`."""
+    tokenizer = load_tokenizer(cfg.model)
+    _, eval_rows, _ = build_sft_data(cfg.data, tokenizer, cfg.train.seed)
+    model, deltas = load_trained(cfg, run_dir, task="causal-lm")
+    return EvalSetup(model, deltas, lambda: eval_batches(eval_rows, cfg.train.batch_size, tokenizer.pad_token_id))
