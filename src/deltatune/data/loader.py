@@ -8,7 +8,8 @@ so ranks never overlap and together cover the epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -33,11 +34,14 @@ class BatchStream:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        collate_fn: Callable[[Sequence[Any], int], Any] = collate,
     ) -> None:
         if len(rows) < batch_size * world_size:
             batch_size = max(1, len(rows) // world_size)
         self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.collate_fn = collate_fn
+        """(items, pad_id) -> batch; `collate` for Rows, another for other kinds of rows."""
         self.epoch, self.index = 0, 0
         """Position: the next micro-batch is number `index` (per rank) of epoch `epoch`."""
         self._order_cache: tuple[int, list[int]] = (-1, [])
@@ -66,7 +70,7 @@ class BatchStream:
         order = self._order(self.epoch)
         start = (self.index * self.world_size + self.rank) * self.batch_size
         self.index += 1
-        return collate([self.rows[i] for i in order[start : start + self.batch_size]], self.pad_id)
+        return self.collate_fn([self.rows[i] for i in order[start : start + self.batch_size]], self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -75,7 +79,9 @@ class BatchStream:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def eval_batches(rows: Sequence[Row], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(
+    rows: Sequence[Row], batch_size: int, pad_id: int, collate_fn: Callable[[Sequence[Any], int], Any] = collate
+) -> Iterator[dict[str, torch.Tensor]]:
     """Every row once, in order, in batches (the last may be smaller)."""
     for start in range(0, len(rows), batch_size):
-        yield collate(rows[start : start + batch_size], pad_id)
+        yield collate_fn(rows[start : start + batch_size], pad_id)

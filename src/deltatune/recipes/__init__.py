@@ -16,8 +16,23 @@ def _sft(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
     return sft.run(cfg, log)
 
 
+def _recipe(module: str) -> Callable[[RunConfig, Callable[[str], None]], dict[str, Any]]:
+    """The `run` of recipes/<module>.py, imported when the stage runs."""
+
+    def run(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
+        from importlib import import_module
+
+        return import_module(f"deltatune.recipes.{module}").run(cfg, log)
+
+    return run
+
+
 STAGES: dict[str, Callable[[RunConfig, Callable[[str], None]], dict[str, Any]]] = {
     "sft": _sft,
+    "reward": _recipe("reward"),
+    "dpo": _recipe("dpo"),
+    "ppo": _recipe("ppo"),
+    "grpo": _recipe("grpo"),
 }
 
 

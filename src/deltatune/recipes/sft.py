@@ -7,23 +7,15 @@ The loss is next-token cross-entropy on assistant tokens (all tokens with
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from deltatune.config import RunConfig, config_to_yaml
+from deltatune.config import RunConfig
 from deltatune.data import BatchStream, build_sft_data, eval_batches
-from deltatune.deltas import attach
-from deltatune.export.peft_format import save_deltas
-from deltatune.inference import save_chat_template
 from deltatune.models import load_model, load_tokenizer
 from deltatune.objectives.clm import count_label_tokens, lm_loss
-from deltatune.train.logs import plot_losses
+from deltatune.recipes.common import attach_deltas, finish_run, start_run
 from deltatune.train.loop import autocast_for, evaluate, resolve_device, train
-from deltatune.train.rundir import prepare_run_dir
-from deltatune.train.summary import peak_memory_bytes, update_summary
 
 __all__ = ["run"]
 
@@ -31,10 +23,7 @@ __all__ = ["run"]
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data` and return the run's summary."""
     # --- setup: run directory, seed, data (before the model: bad data fails fast) -------------
-    run_dir = prepare_run_dir(cfg)
-    log(f"config (saved to {run_dir / 'config.yaml'}):\n{config_to_yaml(cfg)}")
-    random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
+    run_dir = start_run(cfg, log)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, reports = build_sft_data(cfg.data, tokenizer, cfg.train.seed)
     for report in reports:
@@ -43,10 +32,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     # --- model + delta ---------------------------------------------------------------------------
     device = resolve_device(cfg.train.device)
     model, _ = load_model(cfg.model, task="causal-lm")
-    deltas = attach(model, cfg.delta)
-    model.to(device)
-    trainable, total = deltas.num_trainable(), deltas.num_total()
-    log(f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.3f}%)")
+    deltas = attach_deltas(model, cfg, device, log)
 
     # --- train -----------------------------------------------------------------------------------
     stream = BatchStream(train_rows, cfg.train.batch_size, tokenizer.pad_token_id, seed=cfg.train.seed)
@@ -69,25 +55,19 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     )
 
     # --- save ------------------------------------------------------------------------------------
-    adapter_dir = save_deltas(deltas, run_dir / "adapter", base_model=cfg.model)
-    save_chat_template(tokenizer, adapter_dir)
-    plot_losses(run_dir)
-    summary = update_summary(
+    return finish_run(
         run_dir,
+        cfg,
+        deltas,
+        tokenizer,
+        device,
         {
-            "model": cfg.model,
-            "stage": cfg.stage,
-            "methods": [d.config.method for d in deltas],
-            "trainable_params": trainable,
-            "total_params": total,
             "steps": result.step,
             "final_loss": result.final_loss,
             "final_eval_loss": result.final_eval_loss,
             "train_tokens": result.train_tokens,
             "tokens_per_s": result.tokens_per_s,
-            "peak_memory_bytes": peak_memory_bytes(device),
             "wall_s": result.wall_s,
         },
+        log,
     )
-    log(f"saved the adapter to {adapter_dir}; summary in {run_dir / 'summary.json'}")
-    return summary
