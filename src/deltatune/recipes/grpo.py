@@ -90,7 +90,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         """`grpo.epochs` passes over the completions in shuffled minibatches; mean statistics.
         `old_logprobs` is None when there is a single update per rollout (then ratio = 1 exactly)."""
         sums: dict[str, float] = {}
-        for epoch in range(grpo.epochs):
+        for _ in range(grpo.epochs):
             for index in minibatches(len(rollout), minibatch, shuffler):
                 for micro in index.split(train_cfg.batch_size):
                     part = rollout.select(micro)
@@ -107,7 +107,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                     weight = len(micro) / (len(rollout) * grpo.epochs)
                     for key, value in (("loss", out.loss), ("kl_k3", out.kl), ("clip_fraction", out.clip_fraction)):
                         sums[key] = sums.get(key, 0.0) + float(value.detach()) * weight
-                    if epoch == 0:  # KL per completion, as PPO logs it (first pass: before most updates)
+                    if old_logprobs is None:  # single update: this pass is the rollout policy itself
                         kl = sequence_kl(logprobs.detach(), ref, part.mask.float()).sum()
                         sums["kl"] = sums.get("kl", 0.0) + float(kl) / len(rollout)
                 if train_cfg.max_grad_norm:
@@ -148,6 +148,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 stats = grpo_update(rollout, advantages, old_logprobs, ref_logprobs)
                 # 4. logging, evaluation, checkpoints
                 mask = rollout.mask.float()
+                if old_logprobs is not None and ref_logprobs is not None:
+                    stats["kl"] = float(sequence_kl(old_logprobs, ref_logprobs, mask).mean())
                 record = {
                     "reward": float(scores.mean()),
                     "reward_std": float(scores.view(-1, grpo.group_size).std(dim=1).mean()),
