@@ -10,7 +10,13 @@ import torch
 from deltatune.objectives.dpo import dpo_loss
 from deltatune.objectives.grpo import group_advantages, grpo_loss, k3_kl
 from deltatune.objectives.logprobs import masked_mean, masked_whiten, token_logprobs
-from deltatune.objectives.ppo import adaptive_kl_coef, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
+from deltatune.objectives.ppo import (
+    adaptive_kl_coef,
+    gae,
+    kl_penalized_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from deltatune.objectives.reward import bradley_terry_loss, last_token_scores, pairwise_accuracy
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deltatune.deltas.base import DeltaConfig
 from deltatune.errors import ConfigError, nearest
@@ -147,6 +155,9 @@ class RolloutConfig(StrictModel):
     """Subtracted from the reward of completions that hit max_new_tokens without ending."""
     eval_prompts: int = Field(64, ge=1)
     """Most held-out prompts scored at each evaluation (greedy and sampled)."""
+    eval_reward_fn: str | None = None
+    """Another reward function (same form as reward_fn), only reported at evaluation as `check`:
+    e.g. a program's check of the behaviour while training against a learned reward model."""
 
     def _check_reward_source(self, stage: str) -> None:
         if bool(self.reward_model) == bool(self.reward_fn):

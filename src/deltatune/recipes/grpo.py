@@ -34,7 +34,7 @@ from deltatune.rlhf.common import (
     save_rl_checkpoint,
     sequence_kl,
 )
-from deltatune.rlhf.rewards import build_reward
+from deltatune.rlhf.rewards import FunctionReward, build_reward
 from deltatune.rlhf.rollout import encode_prompts, generate_rollout
 from deltatune.rlhf.scoring import completion_logprobs
 from deltatune.train.logs import RunLogger
@@ -54,6 +54,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     device = resolve_device(train_cfg.device)
     check_precision(train_cfg, device)
     reward = build_reward(grpo.reward_model, grpo.reward_fn, device)
+    check = FunctionReward(grpo.eval_reward_fn) if grpo.eval_reward_fn else None
 
     # --- policy + delta; the reference is the policy with the delta disabled ----------------------
     model, _ = load_model(cfg.model, task="causal-lm")
@@ -77,7 +78,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         start = state["step"]
 
     def evaluate() -> dict[str, float]:
-        return evaluate_policy(model, deltas, tokenizer, held_out, reward, grpo, cfg)
+        return evaluate_policy(model, deltas, tokenizer, held_out, reward, grpo, cfg, check)
 
     def checkpoint(step: int):
         loop_state = {"schedule": schedule.state_dict(), "stream": stream.state_dict(), "shuffler": shuffler.get_state()}

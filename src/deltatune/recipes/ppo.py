@@ -24,7 +24,13 @@ from deltatune.config import RunConfig
 from deltatune.errors import TrainingError
 from deltatune.models import load_model, load_tokenizer
 from deltatune.objectives.logprobs import masked_mean, masked_whiten
-from deltatune.objectives.ppo import adaptive_kl_coef, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
+from deltatune.objectives.ppo import (
+    adaptive_kl_coef,
+    gae,
+    kl_penalized_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from deltatune.recipes.common import attach_deltas, finish_run, start_run
 from deltatune.rlhf.common import (
     evaluate_policy,
@@ -36,7 +42,7 @@ from deltatune.rlhf.common import (
     save_rl_checkpoint,
     sequence_kl,
 )
-from deltatune.rlhf.rewards import build_reward
+from deltatune.rlhf.rewards import FunctionReward, build_reward
 from deltatune.rlhf.rollout import encode_prompts, generate_rollout
 from deltatune.rlhf.scoring import ValueHead, completion_logprobs
 from deltatune.train.logs import RunLogger
@@ -56,6 +62,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     device = resolve_device(train_cfg.device)
     check_precision(train_cfg, device)
     reward = build_reward(ppo.reward_model, ppo.reward_fn, device)
+    check = FunctionReward(ppo.eval_reward_fn) if ppo.eval_reward_fn else None
 
     # --- policy + delta, value head; the reference is the policy with the delta disabled ----------
     model, _ = load_model(cfg.model, task="causal-lm")
@@ -79,7 +86,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         kl_coef, start = state["kl_coef"], state["step"]
 
     def evaluate() -> dict[str, float]:
-        return evaluate_policy(model, deltas, tokenizer, held_out, reward, ppo, cfg)
+        return evaluate_policy(model, deltas, tokenizer, held_out, reward, ppo, cfg, check)
 
     def checkpoint(step: int):
         loop_state = {"schedule": schedule.state_dict(), "stream": stream.state_dict(), "kl_coef": kl_coef}

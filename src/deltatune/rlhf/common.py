@@ -80,10 +80,13 @@ def evaluate_policy(
     reward: RewardSource,
     rollout: RolloutConfig,
     cfg: RunConfig,
+    check: RewardSource | None = None,
 ) -> dict[str, float]:
     """Mean reward of greedy completions of the held-out prompts (`reward`), and on one seeded
     sample per prompt: the mean reward (`reward_sampled`), the KL to the reference per completion
-    (`kl`), the completion length in tokens and the fraction that ended before max_new_tokens."""
+    (`kl`), the completion length in tokens and the fraction that ended before max_new_tokens.
+    With a `check` reward (`eval_reward_fn`), its means on the same completions (`check`,
+    `check_sampled`)."""
     prompts = list(prompts)[: rollout.eval_prompts]
     ids = encode_prompts(tokenizer, prompts, cfg.data.max_length, cfg.data.system)
     greedy = generate_rollout(model, tokenizer, ids, rollout.max_new_tokens, greedy=True)
@@ -93,13 +96,17 @@ def evaluate_policy(
     logprobs, _ = _logprobs(model, sampled, rollout.temperature)
     with deltas.disabled():
         ref_logprobs, _ = _logprobs(model, sampled, rollout.temperature)
-    return {
+    out = {
         "reward": float(reward(prompts, greedy.completions).mean()),
         "reward_sampled": float(reward(prompts, sampled.completions).mean()),
         "kl": float(sequence_kl(logprobs, ref_logprobs, sampled.mask.float()).mean()),
         "length": float(sampled.mask.sum(1).float().mean()),
         "finished": float(sampled.finished.float().mean()),
     }
+    if check is not None:
+        out["check"] = float(check(prompts, greedy.completions).mean())
+        out["check_sampled"] = float(check(prompts, sampled.completions).mean())
+    return out
 
 
 def _logprobs(model: nn.Module, rollout: Rollout, temperature: float):
