@@ -185,6 +185,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         run_dir,
         cfg,
         deltas,
+        tokenizer,
         device,
         {"steps": steps, "eval": {"base": base, "tuned": last_eval} if base is not None else None},
         log,

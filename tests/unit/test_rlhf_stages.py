@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 from deltatune.config import load_config
 from deltatune.data.preference import load_pairs, to_prompt

@@ -11,7 +11,7 @@ import torch
 from deltatune.config import load_config, read_yaml
 from deltatune.recipes import run_stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("reward", "dpo", "ppo", "grpo")
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if read_yaml(p).get("stage") in STAGES)
 TINY = ["model=tiny-llama", "delta.layers=null", "train.max_steps=2", "train.batch_size=2", "train.eval_every=0",
