@@ -70,8 +70,8 @@ def build_reward_pairs() -> None:
     (b) a short wrong answer (another question's answer of the same category). Kept only when the
     checker prefers the chosen reply."""
     import torch
-
     from deltatune.generate import generate
+
     from deltatune.models import load_model
 
     torch.manual_seed(SEED)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import write_jsonl
 
 from deltatune.config import load_config
 from deltatune.data.preference import load_pairs, to_prompt
@@ -23,6 +22,7 @@ from deltatune.rlhf.metrics import pair_logps
 from deltatune.rlhf.rewards import FunctionReward, ModelReward, load_reward_fn
 from deltatune.rlhf.rollout import encode_prompts, generate_rollout
 from deltatune.rlhf.scoring import completion_logprobs, sequence_logps
+from tests.helpers import write_jsonl
 
 TOPICS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "robot", "ocean", "maple", "train", "chair"]
 

@@ -81,9 +81,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     def eval_fn() -> dict[str, float]:
         batches = eval_batches(eval_rows, cfg.train.batch_size, pad, collate_pairs)
-        return dpo_metrics(
-            model, deltas, batches, device, dpo.beta, dpo.loss, ref_eval, lambda: autocast_for(cfg.train, device)
-        )
+        autocast = lambda: autocast_for(cfg.train, device)  # noqa: E731
+        return dpo_metrics(model, batches, deltas, dpo.beta, dpo.loss, ref_eval, autocast)
 
     # --- held-out metrics of the base model, then train ---------------------------------------------
     base = None

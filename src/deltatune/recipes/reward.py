@@ -50,7 +50,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     def eval_fn() -> dict[str, float]:
         batches = eval_batches(eval_rows, cfg.train.batch_size, pad, collate_pairs)
-        return reward_metrics(model, batches, device, lambda: autocast_for(cfg.train, device))
+        return reward_metrics(model, batches, autocast=lambda: autocast_for(cfg.train, device))
 
     # --- held-out accuracy of the untrained head, then train ----------------------------------------
     base = None

@@ -1,5 +1,7 @@
 """Held-out metrics of the preference stages, streamed batch by batch (nothing kept but sums).
 
+Both have the signature of the per-stage metric functions, (model, batches, **context) -> dict.
+
 - `reward`: Bradley–Terry loss, pairwise accuracy (the chosen completion scores higher), mean
   margin r_chosen - r_rejected, mean chosen and rejected rewards.
 - `dpo`: DPO loss, preference accuracy of the implicit rewards beta log(pi / pi_ref) (TRL's
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,20 +41,21 @@ class _Sums:
         return {key: value / max(self.count, 1) for key, value in self.sums.items()}
 
 
-def _device_batches(batches: Iterable[dict[str, torch.Tensor]], device: torch.device):
+def _device_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]):
+    device = next(model.parameters()).device
     for batch in batches:
         yield {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def reward_metrics(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, autocast: Callable = nullcontext
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], autocast: Callable = nullcontext, **_: Any
 ) -> dict[str, float]:
     """Reward-model metrics over pair batches (`collate_pairs`)."""
     was_training = model.training
     model.eval()
     sums = _Sums()
-    for batch in _device_batches(batches, device):
+    for batch in _device_batches(model, batches):
         with autocast():
             chosen, rejected = reward_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
         sums.add(
@@ -84,19 +88,20 @@ def pair_logps(
 @torch.no_grad()
 def dpo_metrics(
     model: nn.Module,
-    deltas: DeltaSet,
     batches: Iterable[dict[str, torch.Tensor]],
-    device: torch.device,
+    deltas: DeltaSet,
     beta: float,
     loss: str = "sigmoid",
     reference: torch.Tensor | None = None,
     autocast: Callable = nullcontext,
+    **_: Any,
 ) -> dict[str, float]:
-    """DPO metrics over pair batches (see module docstring)."""
+    """DPO metrics over pair batches (see module docstring); `deltas` give the reference (disabled),
+    or `reference` holds precomputed reference log-probs ([N, 2], by pair index)."""
     was_training = model.training
     model.eval()
     sums = _Sums()
-    for batch in _device_batches(batches, device):
+    for batch in _device_batches(model, batches):
         with autocast():
             pc, pr, rc, rr = pair_logps(model, deltas, batch, reference)
         out = dpo_loss(pc, pr, rc, rr, beta, loss)  # type: ignore[arg-type]
