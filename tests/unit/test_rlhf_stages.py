@@ -243,10 +243,18 @@ def test_ppo_with_a_reward_function(tmp_path, prompt_file, reward_file):
     assert set(summary["eval"]["base"]) == {"reward", "reward_sampled", "kl", "length", "finished"}
 
 
-def test_ppo_with_a_reward_model_run(tmp_path, prompt_file, reward_run):
-    cfg = rl_config(tmp_path, "ppo", prompt_file, f"ppo.reward_model={reward_run[0]}", "train.max_steps=1")
+def test_ppo_with_a_reward_model_run(tmp_path, prompt_file, reward_run, reward_file):
+    cfg = rl_config(tmp_path, "ppo", prompt_file, f"ppo.reward_model={reward_run[0]}", "train.max_steps=1",
+                    f"ppo.eval_reward_fn={reward_file}:short")
     summary = run_stage(cfg, quiet)
     assert summary["steps"] == 1 and "reward" in metrics(Path(cfg.output_dir))[0]
+    assert {"check", "check_sampled"} <= summary["eval"]["tuned"].keys()  # the program's check, beside the RM
+
+
+def test_a_configured_head_delta_is_not_added_twice(pair_files, tmp_path):
+    train, _ = pair_files
+    cfg = config(tmp_path, "reward", f"data.train={train}", "train.max_steps=1", "delta=head")
+    assert run_stage(cfg, quiet)["methods"] == ["head"]
 
 
 def test_grpo_runs_and_resumes(tmp_path, prompt_file, reward_file):
@@ -284,3 +292,17 @@ def test_rl_stages_need_exactly_one_reward_source(prompt_file):
         load_config(None, ["model=tiny-llama", "stage=grpo", f"data.train={prompt_file}"])
     with pytest.raises(ConfigError, match="set exactly one of reward_model"):
         load_config(None, ["model=tiny-llama", "stage=ppo", "ppo.reward_fn=a:b", "ppo.reward_model=runs/x"])
+
+
+def test_nested_disabled_blocks_keep_the_base_model(tiny_llama):
+    """evaluate_policy scores the base model inside `disabled()` and disables again for the reference."""
+    model, _, deltas = trained_lora(tiny_llama)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        with deltas.disabled():
+            base = model(input_ids=ids).logits
+            with deltas.disabled():
+                pass
+            after_inner = model(input_ids=ids).logits
+        tuned = model(input_ids=ids).logits
+    assert torch.equal(base, after_inner) and not torch.allclose(base, tuned)
