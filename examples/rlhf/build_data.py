@@ -130,9 +130,9 @@ def build_chitchat_pairs() -> None:
             if other_conv != conv_id and other != reply:
                 return other
 
-    rows = [{"prompt": p, "chosen": r, "rejected": mismatched(c, r)} for c, p, r in exchanges[:960]]
-    write("chitchat_train.jsonl", rows[:800])
-    write("chitchat_eval.jsonl", rows[800:])
+    rows = [{"prompt": p, "chosen": r, "rejected": mismatched(c, r)} for c, p, r in exchanges[:640]]
+    write("chitchat_train.jsonl", rows[:512])
+    write("chitchat_eval.jsonl", rows[512:])
 
 
 if __name__ == "__main__":

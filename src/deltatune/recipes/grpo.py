@@ -38,7 +38,7 @@ from deltatune.rlhf.rewards import FunctionReward, build_reward
 from deltatune.rlhf.rollout import encode_prompts, generate_rollout
 from deltatune.rlhf.scoring import completion_logprobs
 from deltatune.train.logs import RunLogger
-from deltatune.train.loop import Interrupted, _stop_on_signals, check_precision, resolve_device
+from deltatune.train.loop import Interrupted, _stop_on_signals, autocast_for, check_precision, resolve_device
 from deltatune.train.optim import build_optimizer, build_schedule
 
 __all__ = ["run"]
@@ -85,7 +85,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         return save_rl_checkpoint(run_dir, step, deltas, {}, optimizer, loop_state, train_cfg.keep_checkpoints)
 
     def logprobs_of(part) -> torch.Tensor:
-        return completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, grpo.temperature)[0]
+        """Log-probs of a rollout's completion tokens under the current model."""
+        with autocast_for(train_cfg, device):
+            return completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, grpo.temperature)[0]
 
     def grpo_update(rollout, advantages, old_logprobs, ref_logprobs) -> dict[str, float]:
         """`grpo.epochs` passes over the completions in shuffled minibatches; mean statistics.

@@ -46,7 +46,7 @@ from deltatune.rlhf.rewards import FunctionReward, build_reward
 from deltatune.rlhf.rollout import encode_prompts, generate_rollout
 from deltatune.rlhf.scoring import ValueHead, completion_logprobs
 from deltatune.train.logs import RunLogger
-from deltatune.train.loop import Interrupted, _stop_on_signals, check_precision, resolve_device
+from deltatune.train.loop import Interrupted, _stop_on_signals, autocast_for, check_precision, resolve_device
 from deltatune.train.optim import build_optimizer, build_schedule
 
 __all__ = ["run"]
@@ -93,6 +93,14 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         loop_state["shuffler"] = shuffler.get_state()
         return save_rl_checkpoint(run_dir, step, deltas, {"value_head": value_head}, optimizer, loop_state, train_cfg.keep_checkpoints)
 
+    def score(part, with_values: bool = True):
+        """(log-probs, values) of a rollout's completion tokens under the current model."""
+        with autocast_for(train_cfg, device):
+            return completion_logprobs(
+                model, part.input_ids, part.attention_mask, part.prompt_length, ppo.temperature,
+                value_head if with_values else None,
+            )
+
     def ppo_update(rollout, old_logprobs, old_values, advantages, returns) -> dict[str, float]:
         """`ppo.epochs` passes over the rollout in shuffled minibatches; mean statistics."""
         sums: dict[str, float] = {}
@@ -101,9 +109,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 for micro in index.split(train_cfg.batch_size):
                     part = rollout.select(micro)
                     width = part.mask.size(1)
-                    logprobs, values = completion_logprobs(
-                        model, part.input_ids, part.attention_mask, part.prompt_length, ppo.temperature, value_head
-                    )
+                    logprobs, values = score(part)
                     mask = part.mask.float()
                     policy = ppo_policy_loss(logprobs, old_logprobs[micro, :width], advantages[micro, :width], mask, ppo.clip)
                     value_loss, value_clip = ppo_value_loss(
@@ -148,13 +154,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 penalised = scores - ppo.missing_eos_penalty * (~rollout.finished).float()
                 mask = rollout.mask.float()
                 with torch.no_grad():
-                    old_logprobs, old_values = completion_logprobs(
-                        model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, ppo.temperature, value_head
-                    )
+                    old_logprobs, old_values = score(rollout)
                     with deltas.disabled():
-                        ref_logprobs, _ = completion_logprobs(
-                            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, ppo.temperature
-                        )
+                        ref_logprobs, _ = score(rollout, with_values=False)
                 # 2. per-token rewards with the KL penalty, GAE advantages and returns
                 rewards, _ = kl_penalized_rewards(penalised, old_logprobs, ref_logprobs, mask, kl_coef)
                 advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
