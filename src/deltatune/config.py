@@ -37,6 +37,11 @@ __all__ = [
     "ClassifyConfig",
     "TokensConfig",
     "MlmConfig",
+    "RewardConfig",
+    "DPOConfig",
+    "RolloutConfig",
+    "PPOConfig",
+    "GRPOConfig",
     "RunConfig",
     "load_config",
     "parse_overrides",
@@ -180,12 +185,103 @@ class MlmConfig(StrictModel):
     a Hugging Face directory that a later run can name as its `model:`."""
 
 
+class RewardConfig(StrictModel):
+    """`stage: reward`: a scalar-head reward model trained on preference pairs (Bradley–Terry loss)."""
+
+    center_coef: float = Field(0.0, ge=0)
+    """Weight of (r_chosen + r_rejected)^2 in the loss: keeps rewards near zero mean (0: off; 0.01 is usual)."""
+
+
+class DPOConfig(StrictModel):
+    """`stage: dpo`: direct preference optimisation against the delta-disabled model as reference."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL constraint to the reference (higher: stay closer)."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo` (Azar et al. 2023) or `hinge` (SLiC-HF)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed fraction of flipped preference labels (conservative DPO; `sigmoid` only)."""
+    precompute_ref: bool = False
+    """Compute the reference log-probs of every pair once before training (one forward pass
+    per pair instead of one per step)."""
+
+
+class RolloutConfig(StrictModel):
+    """What PPO and GRPO share: the reward source, sampling, the clipped update and the KL to the reference."""
+
+    reward_model: str | None = None
+    """Run directory of a `stage: reward` run to score completions with."""
+    reward_fn: str | None = None
+    """A Python reward function, `package.module:function` or `path/to/file.py:function`, called as
+    fn(prompts=[...], completions=[...], **other_fields) -> list of floats."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts sampled per rollout (one training step = one rollout and its updates)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Most tokens generated per completion."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts (log-probs are those of this distribution)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold of the rollouts (1: off, the exact policy distribution)."""
+    epochs: int = Field(1, ge=1)
+    """Optimisation passes over each rollout batch (in minibatches of train.batch_size x train.grad_accum)."""
+    clip: float = Field(0.2, gt=0)
+    """Epsilon of the policy-ratio clip."""
+    missing_eos_penalty: float = Field(0.0, ge=0)
+    """Subtracted from the reward of completions that hit max_new_tokens without ending."""
+    eval_prompts: int = Field(64, ge=1)
+    """Most held-out prompts scored at each evaluation (greedy and sampled)."""
+    eval_reward_fn: str | None = None
+    """Another reward function (same form as reward_fn), only reported at evaluation as `check`:
+    e.g. a program's check of the behaviour while training against a learned reward model."""
+
+    def _check_reward_source(self, stage: str) -> None:
+        if bool(self.reward_model) == bool(self.reward_fn):
+            raise ValueError(f"{stage}: set exactly one of reward_model (a reward run directory) or reward_fn (module:function)")
+
+
+class PPOConfig(RolloutConfig):
+    """`stage: ppo`: RLHF with PPO (Ouyang et al. 2022; Schulman et al. 2017)."""
+
+    epochs: int = Field(2, ge=1)
+    """PPO epochs over each rollout batch."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Initial weight of the per-token KL penalty to the reference (the delta-disabled model)."""
+    kl_target: float | None = Field(None, gt=0)
+    """Adapt kl_coef to keep the KL per completion near this value (Ziegler et al. 2019); unset: fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Completions over which the adaptive controller may change kl_coef by about e^0.2."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount factor of GAE."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """Lambda of GAE (1: Monte-Carlo returns)."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss in the total loss."""
+    vf_clip: float = Field(0.2, gt=0)
+    """How far a value prediction may move from its rollout-time value per update."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean, unit variance over each rollout batch."""
+
+
+class GRPOConfig(RolloutConfig):
+    """`stage: grpo`: group relative policy optimisation (Shao et al. 2024), no value model."""
+
+    group_size: int = Field(4, ge=2)
+    """Completions sampled per prompt; advantages are normalised within each group."""
+    beta: float = Field(0.04, ge=0)
+    """Weight of the k3 KL penalty to the reference (0: no reference pass)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (false: Dr. GRPO)."""
+    loss_type: Literal["sequence", "token"] = "sequence"
+    """Average the loss per completion then over completions (the paper), or over all tokens (DAPO)."""
+
+
 class RunConfig(StrictModel):
     model: str
     """Built-in alias (`deltatune models`), a local Hugging Face directory, a .gguf file, or a hub id."""
-    stage: Literal["sft", "pt", "mlm", "classify", "tokens"] = "sft"
+    stage: Literal["sft", "pt", "mlm", "classify", "tokens", "reward", "dpo", "ppo", "grpo"] = "sft"
     """Training stage (objective): `pt` (causal LM on raw text), `mlm` (masked LM), `sft`,
-    `classify` (sequence classification), `tokens` (token classification / NER)."""
+    `classify` (sequence classification), `tokens` (token classification / NER), `reward`
+    (reward model on preference pairs), `dpo`, `ppo` (RLHF), `grpo`."""
     data: DataConfig = DataConfig()
     """Where the data comes from and how it is prepared."""
     delta: list[SerializeAsAny[DeltaConfig]] = Field(default_factory=lambda: [{"method": "lora"}], validate_default=True)
@@ -198,12 +294,26 @@ class RunConfig(StrictModel):
     """Settings of `stage: tokens`."""
     mlm: MlmConfig = MlmConfig()
     """Settings of `stage: mlm`."""
+    reward: RewardConfig = RewardConfig()
+    """Settings of `stage: reward`."""
+    dpo: DPOConfig = DPOConfig()
+    """Settings of `stage: dpo`."""
+    ppo: PPOConfig = PPOConfig()
+    """Settings of `stage: ppo` (reward source, rollouts, PPO update, KL control)."""
+    grpo: GRPOConfig = GRPOConfig()
+    """Settings of `stage: grpo` (reward source, rollouts, group size, KL weight)."""
     output_dir: str = "runs/run"
     """Run directory: adapter, checkpoints, metrics, summary, config."""
     resume: bool = False
     """Continue from the newest checkpoint in `output_dir`."""
     overwrite: bool = False
     """Replace a different run already in `output_dir` (otherwise that is an error)."""
+
+    @model_validator(mode="after")
+    def _stage_settings(self) -> RunConfig:
+        if self.stage in ("ppo", "grpo"):
+            getattr(self, self.stage)._check_reward_source(self.stage)
+        return self
 
     @field_validator("delta", mode="before")
     @classmethod

@@ -10,7 +10,10 @@ from deltatune.config import load_config, read_yaml
 from deltatune.recipes import run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# the preference and RL examples need more than a model swap (a reward run, fewer layers, less data):
+# tests/unit/test_rlhf_configs.py runs them
+OWN_RUNNER = ("reward", "dpo", "ppo", "grpo")
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if read_yaml(p).get("stage") not in OWN_RUNNER)
 TINY = {
     "smollm2-135m-instruct": "tiny-llama",
     "minilm-l6": "tiny-bert",

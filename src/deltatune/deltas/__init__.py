@@ -29,6 +29,7 @@ class DeltaSet:
     def __init__(self, model: nn.Module, deltas: Sequence[Delta]) -> None:
         self.model = model
         self.deltas = list(deltas)
+        self._disabled = False
 
     def __iter__(self) -> Iterator[Delta]:
         return iter(self.deltas)
@@ -78,11 +79,19 @@ class DeltaSet:
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """Within the block the model computes as the base model."""
-        with ExitStack() as stack:
-            for delta in self.deltas:
-                stack.enter_context(delta.disabled())
+        """Within the block the model computes as the base model. Nesting is allowed: an inner
+        block leaves the deltas disabled for the rest of the outer one."""
+        if self._disabled:
             yield
+            return
+        self._disabled = True
+        try:
+            with ExitStack() as stack:
+                for delta in self.deltas:
+                    stack.enter_context(delta.disabled())
+                yield
+        finally:
+            self._disabled = False
 
     def merge(self) -> None:
         for delta in self.deltas:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.config import RunConfig
-from deltatune.recipes import classify, mlm, pt, sft, tokens
+from deltatune.recipes import classify, dpo, grpo, mlm, ppo, pt, reward, sft, tokens
 from deltatune.recipes.common import EvalSetup
 
 __all__ = ["STAGES", "EVAL_SETUPS", "run_stage"]
+
 
 STAGES: dict[str, Callable[[RunConfig, Callable[[str], None]], dict[str, Any]]] = {
     "sft": sft.run,
@@ -23,6 +24,10 @@ STAGES: dict[str, Callable[[RunConfig, Callable[[str], None]], dict[str, Any]]] 
     "mlm": mlm.run,
     "classify": classify.run,
     "tokens": tokens.run,
+    "reward": reward.run,
+    "dpo": dpo.run,
+    "ppo": ppo.run,
+    "grpo": grpo.run,
 }
 
 EVAL_SETUPS: dict[str, Callable[[RunConfig, Path], EvalSetup]] = {

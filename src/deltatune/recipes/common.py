@@ -142,7 +142,7 @@ def finish_run(
     cfg: RunConfig,
     run_dir: Path,
     deltas: DeltaSet,
-    result: TrainResult,
+    result: TrainResult | None,
     device: torch.device,
     log: Callable[[str], None],
     extra: dict[str, Any] | None = None,
@@ -152,25 +152,27 @@ def finish_run(
     """Save the deltas (PEFT layout) under run_dir/adapter (with `chat_tokenizer`'s chat template,
     which generation then uses; plus run_dir/model for `full`), plot the losses, write summary.json.
 
-    Under several processes every rank calls this (FSDP gathers the weights collectively) and
-    only rank 0 writes; the others get the summary values back."""
+    `result` is the loop's (None for recipes with their own loop, which put their numbers in
+    `extra`). Under several processes every rank calls this (FSDP gathers the weights
+    collectively) and only rank 0 writes; the others get the summary values back."""
     weights = delta_weights(deltas.model, deltas)
-    values = {
+    values: dict[str, Any] = {
         "model": cfg.model,
         "stage": cfg.stage,
         "methods": [d.config.method for d in deltas],
         "trainable_params": deltas.num_trainable(),
         "total_params": deltas.num_total(),
-        "steps": result.step,
-        "final_loss": result.final_loss,
-        "final_eval_loss": result.final_eval_loss,
-        "train_tokens": result.train_tokens,
-        "tokens_per_s": result.tokens_per_s,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "wall_s": result.wall_s,
-        "processes": world_size(),
-        **(extra or {}),
     }
+    if result is not None:
+        values.update(
+            steps=result.step,
+            final_loss=result.final_loss,
+            final_eval_loss=result.final_eval_loss,
+            train_tokens=result.train_tokens,
+            tokens_per_s=result.tokens_per_s,
+            wall_s=result.wall_s,
+        )
+    values.update(peak_memory_bytes=peak_memory_bytes(device), processes=world_size(), **(extra or {}))
     if not is_main():
         return values
     saved = save_outputs(deltas, run_dir, cfg.model, tokenizer or chat_tokenizer, log, weights=weights)

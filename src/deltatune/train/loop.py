@@ -43,8 +43,9 @@ from deltatune.train.parallel import Parallel, call, is_sharded, wrap
 
 __all__ = ["LossFn", "TrainResult", "Interrupted", "train", "evaluate", "autocast_for", "resolve_device", "total_steps"]
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
-"""(model, batch) -> (summed loss over the batch's units, number of units), e.g. label tokens."""
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple]
+"""(model, batch) -> (summed loss over the batch's units, number of units), e.g. label tokens; it
+may add a third item, a dict of other per-unit metrics summed over the batch (logged per unit)."""
 
 
 @dataclass
@@ -52,6 +53,8 @@ class TrainResult:
     step: int = 0
     final_loss: float = float("nan")
     final_eval_loss: float | None = None
+    final_eval_metrics: dict[str, float] = field(default_factory=dict)
+    """Everything the last evaluation returned (`eval_fn` may return a dict of metrics)."""
     train_tokens: int = 0
     """Non-padding input tokens processed (this session and any resumed one)."""
     wall_s: float = 0.0
@@ -157,7 +160,7 @@ def evaluate(
         if (seen - 1) % world != rank:
             continue
         with autocast():
-            loss_sum, n = call(model, loss_fn, _to(batch, device))
+            loss_sum, n = call(model, loss_fn, _to(batch, device))[:2]
         total += float(loss_sum)
         count += n
         mine += 1
@@ -213,6 +216,19 @@ def _write_checkpoint(
     return path
 
 
+def _run_eval(eval_fn: Callable[[], float | dict[str, float]], result: TrainResult) -> dict[str, float]:
+    """Call `eval_fn`, keep its metrics on `result`, and return them as `eval_*` log fields."""
+    value = eval_fn()
+    metrics = dict(value) if isinstance(value, dict) else {"loss": float(value)}
+    result.final_eval_metrics = metrics
+    result.final_eval_loss = metrics.get("loss")
+    return {f"eval_{key}": val for key, val in metrics.items()}
+
+
+def _eval_text(result: TrainResult) -> str:
+    return "eval " + ", ".join(f"{key} {val:.4f}" for key, val in result.final_eval_metrics.items())
+
+
 def train(
     model: nn.Module,
     deltas: DeltaSet,
@@ -230,7 +246,8 @@ def train(
     Args:
         loss_fn: summed loss and unit count of one micro-batch.
         count_fn: units (e.g. label tokens) of a micro-batch, computed before the forward pass.
-        eval_fn: returns the eval loss; called every `cfg.eval_every` steps and at the end.
+        eval_fn: returns the eval loss, or a dict of eval metrics (with `loss` if there is one), logged
+            with an `eval_` prefix; called every `cfg.eval_every` steps and at the end.
     """
     device = next(model.parameters()).device
     check_precision(cfg, device)
@@ -268,13 +285,13 @@ def train(
                 deltas.on_step(step)  # e.g. gradual unfreezing: a pure function of the step, so resume is exact
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 (units,) = dist.all_reduce_sum([sum(count_fn(b) for b in micro)])
-                loss_total, regularizer = 0.0, None
+                loss_total, regularizer, extras = 0.0, None, {}
                 for i, batch in enumerate(micro):
                     batch = _to(batch, device)
                     last = i == len(micro) - 1
                     with parallel.sync_gradients(last), dist.guard("the gradient exchange"):
                         with autocast():
-                            loss_sum, _ = parallel(loss_fn, batch)
+                            loss_sum, *extra = parallel(loss_fn, batch)
                         # DDP and FSDP average gradients over ranks; scaling by `world` makes that the
                         # gradient of (summed loss of all ranks) / (units of all ranks).
                         objective = loss_sum * world / max(units, 1)
@@ -284,8 +301,12 @@ def train(
                             objective = objective + regularizer
                         objective.backward()
                     loss_total += float(loss_sum.detach())
+                    # a stage's own sums to log (e.g. DPO's rewards), per unit like the loss
+                    for key, value in (extra[1] if len(extra) > 1 else {}).items():
+                        extras[key] = extras.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 tokens = sum(_input_tokens(b) for b in micro)
-                loss_total, tokens, stopping = dist.all_reduce_sum([loss_total, tokens, stop["stop"]])
+                loss_total, tokens, stopping, *sums = dist.all_reduce_sum([loss_total, tokens, stop["stop"], *extras.values()])
+                extras = dict(zip(extras, sums, strict=True))
                 loss = loss_total / max(units, 1)
                 if not math.isfinite(loss):
                     last = latest_checkpoint(run_dir)
@@ -305,13 +326,14 @@ def train(
                 result.train_tokens += tokens
                 tokens_per_s = tokens / max(time.perf_counter() - step_started, 1e-9)
                 record: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "epoch": stream.epoch}
+                record.update({key: value / max(units, 1) for key, value in extras.items()})
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 if regularizer is not None:
                     record["regularizer"] = float(regularizer.detach())
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-                    record["eval_loss"] = result.final_eval_loss = eval_fn()
-                    logger.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
+                    record.update(_run_eval(eval_fn, result))
+                    logger.write(f"step {step}: " + _eval_text(result))
                 if step % cfg.log_every == 0 or step == steps or "eval_loss" in record:
                     logger.log(step, record)
                 result.history.append({"step": step, **record})
@@ -326,9 +348,8 @@ def train(
                 write_checkpoint(result.step)
             deltas.on_train_end()  # after the checkpoint, so a resumed run continues from the unprojected state
             if eval_fn is not None:
-                result.final_eval_loss = eval_fn()
-                logger.log(steps, {"eval_loss": result.final_eval_loss})
-                logger.write(f"final eval loss {result.final_eval_loss:.4f}")
+                logger.log(steps, _run_eval(eval_fn, result))
+                logger.write("final " + _eval_text(result))
     finally:
         logger.close()
     result.wall_s = time.perf_counter() - started
