@@ -44,7 +44,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     # --- model + delta ---------------------------------------------------------------------------
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(cfg.model, task="causal-lm")
+    model, _ = load_model(cfg.model, task="causal-lm", quantize=cfg.quantize)
     deltas = attach(model, cfg.delta)
     model.to(device)
     trainable, total = deltas.num_trainable(), deltas.num_total()

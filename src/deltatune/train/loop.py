@@ -97,6 +97,14 @@ def check_precision(cfg: TrainConfig, device: torch.device) -> None:
         )
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (non-reentrant: works with a frozen base,
+    whose inputs need no gradient)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise TrainingError("train.gradient_checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps
@@ -234,6 +242,8 @@ def train(
     """
     device = next(model.parameters()).device
     check_precision(cfg, device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     autocast = lambda: autocast_for(cfg, device)  # noqa: E731
     rank, world = dist.rank(), dist.world_size()
     stream.shard(rank, world)
