@@ -23,6 +23,7 @@ from torch import nn
 from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.inject import find_targets, get_module, set_module
 from deltatune.deltas.layer import DeltaLayer
+from deltatune.deltas.lora_fused import lora_branch
 
 __all__ = ["LoraConfig", "Lora", "LoraLinear"]
 
@@ -93,8 +94,14 @@ class LoraLinear(DeltaLayer):
         out = self.base_layer(x)
         for name in self.active_adapters():
             a = self.lora_A[name].weight
-            h = self.lora_dropout[name](x.to(a.dtype) if not torch.is_autocast_enabled() else x)
-            out = out + (F.linear(F.linear(h, a), self.lora_B[name].weight) * self.scaling[name]).to(out.dtype)
+            if torch.is_autocast_enabled():
+                h = self.lora_dropout[name](x)
+                out = out + (F.linear(F.linear(h, a), self.lora_B[name].weight) * self.scaling[name]).to(out.dtype)
+                continue
+            # one autograd node: keeps x (shared by q/k/v), a 1-byte mask and A h (deltas/lora_fused.py)
+            p = getattr(self.lora_dropout[name], "p", 0.0)
+            branch = lora_branch(x.to(a.dtype), a, self.lora_B[name].weight, self.scaling[name], p, self.training)
+            out = out + branch.to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
