@@ -167,6 +167,12 @@ def quantize_model(model: nn.Module, kind: str) -> int:
     ]
     for path in targets:
         set_module(model, path, QuantizedLinear(model.get_submodule(path), kind))
+    # transformers maps safetensors checkpoints into memory; quantizing read every page of the
+    # full-precision weights, which stay resident while any tensor still points into the file.
+    # Copying the few weights left (embeddings, norms) lets the mapping go: -430 MB RSS on SmolLM2.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     return len(targets)
 
 

@@ -199,6 +199,7 @@ class _Trace:
     trainable_macs_per_token: int
     attention_per_token_per_ctx: int
     largest_block_params: int
+    quantized_numel: int = 0
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -303,6 +304,8 @@ def _trace(config, cfg: RunConfig, method: str, quantize: str, shape: BatchShape
         last = blocks[-1] if blocks else nn.Module()
         last_stored = {_storage_key(t): t.untyped_storage().nbytes() for t in [*last.parameters(), *last.buffers()]}
         last_linears = [m for m in last.modules() if isinstance(m, nn.Linear)]
+        quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        last_quantized = [m for m in last.modules() if isinstance(m, QuantizedLinear)]
         return _Trace(
             weights=sum(stored.values()) + extra * sum(last_stored.values()),
             trainable=sum(p.numel() for p in trainable) + extra * sum(p.numel() for p in last.parameters() if p.requires_grad),
@@ -325,6 +328,8 @@ def _trace(config, cfg: RunConfig, method: str, quantize: str, shape: BatchShape
                 config, "head_dim", config.hidden_size // config.num_attention_heads
             ) * depth,
             largest_block_params=block_params,
+            quantized_numel=sum(m.in_features * m.out_features for m in quantized)
+            + extra * sum(m.in_features * m.out_features for m in last_quantized),
         )
 
 
@@ -387,6 +392,12 @@ def _assemble(
             best = (total, shape, activations, loss_head, transient)
     assert best is not None
     total, shape, activations, loss_head, transient = best
+    if tr.quantized_numel and device.type == "cpu":
+        # loading: the checkpoint's full-precision pages are read while quantizing (models/quantize.py)
+        loading = runtime + data + weights + tr.quantized_numel * 4
+        if loading > total:
+            total = loading
+            notes.append("the peak is while loading and quantizing the checkpoint")
     accum = cfg.train.grad_accum
     flops = sum(_flops(tr, s, cfg.data.packing) for s in shapes) / len(shapes) * accum
     tokens = int(sum(s.tokens for s in shapes) / len(shapes) * accum)

@@ -30,6 +30,7 @@ from deltatune.data.loader import BatchStream
 from deltatune.deltas import DeltaSet
 from deltatune.errors import Interrupted, TrainingError
 from deltatune.train import dist
+from deltatune.train.allocator import release_freed_memory
 from deltatune.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -242,6 +243,7 @@ def train(
     """
     device = next(model.parameters()).device
     check_precision(cfg, device)
+    release_freed_memory()  # peak RSS follows live tensors (train/allocator.py)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     autocast = lambda: autocast_for(cfg, device)  # noqa: E731
