@@ -76,6 +76,9 @@ class _StepStream:
         self.index += 1
         return batch
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """One process only: the benchmark's steps are not sharded."""
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": 0, "index": self.index}
 
