@@ -26,12 +26,13 @@ LORA16 = ["delta.r=16", "delta.alpha=32", "delta.dropout=0.05"]
 # name -> (data spec, overrides); {data} is replaced by the generated data file
 CONFIGS: dict[str, tuple[dict, list[str]]] = {
     "tiny-llama lora b4 s256": ({"n": 64, "mean_tokens": 175}, ["model=tiny-llama", "train.batch_size=4", "data.max_length=256", *LORA16]),
-    "lora b4 s256 padded": ({"n": 64, "mean_tokens": 175}, [f"model={SMOL}", "train.batch_size=4", "data.max_length=256", *LORA16]),
-    "lora b1 s1024 packed": ({"n": 64, "mean_tokens": 175}, [f"model={SMOL}", "train.batch_size=1", "data.max_length=1024", "data.packing=true", *LORA16]),
-    "lora b4 s256 checkpointing": ({"n": 32, "mean_tokens": 400, "spread": 0.2}, [f"model={SMOL}", "train.batch_size=4", "data.max_length=256", "train.gradient_checkpointing=true", *LORA16]),
-    "qlora-nf4 b2 s512": ({"n": 32, "mean_tokens": 600, "spread": 0.1}, [f"model={SMOL}", "train.batch_size=2", "data.max_length=512", "quantize=nf4", *LORA16]),
-    "lora-int8 b2 s256": ({"n": 32, "mean_tokens": 400, "spread": 0.2}, [f"model={SMOL}", "train.batch_size=2", "data.max_length=256", "quantize=int8", *LORA16]),
-    "lora r64 nodropout b1 s768": ({"n": 16, "mean_tokens": 900, "spread": 0.1}, [f"model={SMOL}", "train.batch_size=1", "data.max_length=768", "delta.r=64", "delta.alpha=64", "delta.dropout=0.0"]),
+    "tiny-llama qlora-nf4 b8 s512 checkpointing": ({"n": 32, "mean_tokens": 600, "spread": 0.1}, ["model=tiny-llama", "train.batch_size=8", "data.max_length=512", "quantize=nf4", "train.gradient_checkpointing=true", *LORA16]),
+    "lora b2 s128 padded": ({"n": 32, "mean_tokens": 175, "spread": 0.3}, [f"model={SMOL}", "train.batch_size=2", "data.max_length=128", *LORA16]),
+    "lora b1 s512 packed": ({"n": 32, "mean_tokens": 175}, [f"model={SMOL}", "train.batch_size=1", "data.max_length=512", "data.packing=true", *LORA16]),
+    "lora b2 s256 checkpointing": ({"n": 16, "mean_tokens": 400, "spread": 0.2}, [f"model={SMOL}", "train.batch_size=2", "data.max_length=256", "train.gradient_checkpointing=true", *LORA16]),
+    "qlora-nf4 b1 s384": ({"n": 16, "mean_tokens": 600, "spread": 0.1}, [f"model={SMOL}", "train.batch_size=1", "data.max_length=384", "quantize=nf4", *LORA16]),
+    "lora-int8 b1 s256": ({"n": 16, "mean_tokens": 400, "spread": 0.2}, [f"model={SMOL}", "train.batch_size=1", "data.max_length=256", "quantize=int8", *LORA16]),
+    "lora r64 nodropout b1 s256": ({"n": 16, "mean_tokens": 400, "spread": 0.1}, [f"model={SMOL}", "train.batch_size=1", "data.max_length=256", "delta.r=64", "delta.alpha=64", "delta.dropout=0.0"]),
 }
 
 
@@ -87,7 +88,7 @@ def measure(name: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", default=None)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args()
     from deltatune.perf.machine import cpu_description
 

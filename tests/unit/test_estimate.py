@@ -56,9 +56,9 @@ def test_live_tiny_run_peak_rss_matches_the_estimate(tmp_path):
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
 
 
-@pytest.fixture
-def smol_ctx(tmp_path):
-    data = write_synthetic_chats(tmp_path / "train.jsonl", 32, 300, spread=0.1)
+@pytest.fixture(scope="module")
+def smol_ctx(tmp_path_factory):
+    data = write_synthetic_chats(tmp_path_factory.mktemp("smol") / "train.jsonl", 32, 300, spread=0.1)
     cfg = load_config(None, ["model=smollm2-135m-instruct", f"data.train={data}", "data.max_length=256",
                              "train.batch_size=8", "train.max_steps=2", "delta.r=16"])
     return cfg, EstimateContext(cfg)
@@ -84,8 +84,11 @@ def test_parts_follow_the_config(smol_ctx):
     # LoRA keeps more activations than full fine-tuning: each adapter saves its dropout mask and
     # dropped input (PERFORMANCE.md saw the same with PEFT)
     assert full.optimizer == 8 * full.total_params and full.activations < lora.activations
-    ctx.world_size, ctx.strategy = 4, "fsdp"
-    sharded = ctx.estimate(cfg, "full", method="full")
+    import copy
+
+    fsdp = copy.copy(ctx)
+    fsdp.world_size, fsdp.strategy = 4, "fsdp"
+    sharded = fsdp.estimate(cfg, "full", method="full")
     assert sharded.optimizer == full.optimizer // 4 and sharded.peak_memory_bytes < full.peak_memory_bytes
 
 

@@ -28,7 +28,7 @@ Peak memory of one process (bytes):
 
 Time per step is the run's matmul FLOPs (forward, input gradients, weight gradients of trainable
 layers, attention) divided by the machine's measured fp32/bf16 matmul peak times the fraction
-deltatune reaches on a step (measured; see docs/performance.md).
+deltatune reaches on a step (STEP_EFFICIENCY; see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ DATA_BYTES_PER_TOKEN = 80
 """Tokenized rows are Python lists of ints: 2 list slots (ids, labels) plus an int object."""
 
 STEP_EFFICIENCY = 0.45
-"""Fraction of the measured matmul peak that a deltatune training step reaches (measured)."""
+"""Fraction of the measured matmul peak that a deltatune fp32 training step reaches. An
+assumption, not yet calibrated: on the shared build machine no uncontended step could be timed
+(docs/performance.md); the time estimate is a rough guide, the memory estimate is the checked one."""
 
 
 @dataclass(frozen=True)
