@@ -39,17 +39,24 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides as dotted key=value, e.g. train.lr=1e-4.")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (one per GPU); starts torchrun.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Train even when the memory estimate says the run does not fit.")] = False,
 ) -> None:
     """Train with a config: deltatune train CONFIG.yaml [key.sub=value ...] [--nproc N]."""
     from deltatune.config import load_config
 
     cfg = load_config(config, overrides or [])
+    if not force:
+        _quiet_libraries()
+        from deltatune.perf.fit import check_fits
+
+        # before loading any weights; raises with the numbers and a config that fits
+        check_fits(cfg, world_size=max(nproc, int(os.environ.get("WORLD_SIZE", "1"))))
     if nproc > 1:
         from deltatune.train.dist import launch, launched_by_torchrun
 
         if launched_by_torchrun():
             raise UserError("--nproc starts torchrun itself; under torchrun leave it out")
-        sys.exit(launch(nproc, ["train", str(config), *(overrides or [])]))
+        sys.exit(launch(nproc, ["train", str(config), *(overrides or []), "--force"]))
     _quiet_libraries()
     from deltatune.recipes import run_stage
 
@@ -185,6 +192,47 @@ def inspect(
     from deltatune.deltas.report import inspect_path
 
     typer.echo(inspect_path(target, overrides))
+
+
+@app.command()
+def estimate(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Overrides as dotted key=value.")] = None,
+    world_size: Annotated[int, typer.Option(help="Processes (ranks) the run is spread over (train.distributed: ddp|fsdp).")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (peak_memory_bytes, parts, comparison).")] = False,
+    probe: Annotated[bool, typer.Option(help="Time a matmul to predict seconds per step (~1 s).")] = True,
+) -> None:
+    """Predict peak memory and time per step of a run before loading any weights; compare full, LoRA and QLoRA."""
+    from deltatune.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from deltatune.perf.report import print_estimate
+
+    print_estimate(cfg, world_size=world_size, as_json=json_out, probe=probe, echo=typer.echo)
+
+
+@app.command()
+def bench(
+    against: Annotated[str, typer.Option(help="The usual stack to compare with: hf (transformers + peft, plain loop).")] = "hf",
+    method: Annotated[str, typer.Option(help="lora | full | qlora")] = "lora",
+    seq: Annotated[int, typer.Option(help="Longest example / packed row length in tokens.")] = 512,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps per stack.")] = 6,
+    batch: Annotated[int, typer.Option(help="Examples per optimizer step (both stacks).")] = 8,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 1,
+    model: Annotated[str, typer.Option(help="Model alias or directory.")] = "smollm2-135m-instruct",
+    repeats: Annotated[int, typer.Option(help="Alternate the two stacks this many times; the best run of each counts.")] = 1,
+) -> None:
+    """Benchmark deltatune against transformers + PEFT on this machine; print one JSON line."""
+    import json
+
+    if method not in ("lora", "full", "qlora"):
+        raise UserError(f"--method {method!r}: one of lora, full, qlora")
+    _quiet_libraries()
+    from deltatune.perf.bench import run_bench
+
+    result = run_bench(method, seq, steps, batch, warmup, against, model, repeats=repeats)
+    typer.echo(json.dumps(result))
 
 
 @app.command()

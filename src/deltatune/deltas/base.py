@@ -144,6 +144,12 @@ class Delta(abc.ABC):
         if not self.mergeable:
             raise TypeError(f"method '{self.config.method}' cannot be merged into the base weights")
         if not self.merged:
+            if self.model is not None:
+                # Never merge into 4/8-bit codes: the sum would be rounded back to 16 levels and the
+                # update mostly lost (QLoRA). Quantized base layers become full precision first.
+                from deltatune.models.quantize import dequantize_model
+
+                dequantize_model(self.model)
             self._merge(sign=1.0)
             self.merged = True
 

@@ -42,6 +42,7 @@ from torch import nn
 from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.inject import find_targets
 from deltatune.deltas.layer import DeltaLayer, find_layer, innermost, unwrap_adapter, wrap
+from deltatune.deltas.lora_fused import lora_branch
 from deltatune.errors import ConfigError, UserError
 
 __all__ = ["LoraConfig", "Lora", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv2d", "pattern_value"]
@@ -255,6 +256,14 @@ class LoraLinear(LoraLayer):
         a = self.lora_A[name].weight if a is None else a
         b = self.lora_B[name].weight if b is None else b
         return F.linear(F.linear(x, a), b) * self.scaling[name]
+
+    def _update(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector or torch.is_autocast_enabled():
+            return super()._update(name, x, out)
+        # one autograd node: keeps x (shared by q/k/v), a 1-byte mask and A h (deltas/lora_fused.py)
+        a, b = self.factors(name)
+        p = getattr(self.lora_dropout[name], "p", 0.0)
+        return lora_branch(self._cast(name, x), a, b, self.scaling[name], p, self.training)
 
 
 class LoraEmbedding(LoraLayer):

@@ -138,6 +138,7 @@ def load_model(
     task: str = "causal-lm",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    quantize: str = "none",
     **config_kwargs,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) for `spec`.
@@ -146,6 +147,8 @@ def load_model(
         spec: alias (`deltatune models`), local HF directory, .gguf file, or hub id.
         task: one of TASKS (`causal-lm`, `masked-lm`, `seq-cls`, `token-cls`, `base`).
         dtype: parameter dtype of the loaded model.
+        quantize: `nf4` or `int8` stores the Linear weights (not the heads) quantized and frozen
+            (QLoRA; see deltatune.models.quantize); `none` keeps them as loaded.
         config_kwargs: passed to the model config (e.g. `num_labels`, `id2label` for classifiers).
     """
     if task not in TASKS:
@@ -164,4 +167,8 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.name_or_path = spec
+    if quantize != "none":
+        from deltatune.models.quantize import quantize_model
+
+        quantize_model(model, quantize)
     return model, tokenizer

@@ -187,11 +187,14 @@ def finish_run(
 def load_base(cfg: RunConfig, task: str, labels=None, tokenizer=None) -> nn.Module:
     """`cfg.model` for `task` (`causal-lm`, `masked-lm`, `seq-cls`, `token-cls`), with a head for
     `labels` (a LabelSet) when given. New heads are initialised right after seeding with
-    `train.seed`, so training, `deltatune eval` and `deltatune predict` all start from the same head."""
+    `train.seed`, so training, `deltatune eval` and `deltatune predict` all start from the same head.
+    With `quantize` set, the base's linear layers are stored in NF4/int8 (QLoRA)."""
     seed_all(cfg.train.seed)
     if labels is None:
-        return load_model(cfg.model, task=task)[0]
-    model, _ = load_model(cfg.model, task=task, id2label=labels.id2label, label2id=labels.label2id)
+        return load_model(cfg.model, task=task, quantize=cfg.quantize)[0]
+    model, _ = load_model(
+        cfg.model, task=task, quantize=cfg.quantize, id2label=labels.id2label, label2id=labels.label2id
+    )
     # decoder classifiers find each sequence's last token by the pad id: it must be the tokenizer's
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

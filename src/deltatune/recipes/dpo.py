@@ -60,7 +60,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     # --- policy + delta; the reference is the same model with the delta disabled ---------------
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(cfg.model, task="causal-lm")
+    model, _ = load_model(cfg.model, task="causal-lm", quantize=cfg.quantize)
     deltas = attach_deltas(model, cfg, device, log)
     ref_train = ref_eval = None
     if dpo.precompute_ref:

@@ -57,7 +57,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     check = FunctionReward(grpo.eval_reward_fn) if grpo.eval_reward_fn else None
 
     # --- policy + delta; the reference is the policy with the delta disabled ----------------------
-    model, _ = load_model(cfg.model, task="causal-lm")
+    model, _ = load_model(cfg.model, task="causal-lm", quantize=cfg.quantize)
     deltas = attach_deltas(model, cfg, device, log)
     model.eval()  # no dropout: rollout and update log-probs come from the same function
     params = list(deltas.named_parameters())

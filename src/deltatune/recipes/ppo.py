@@ -65,7 +65,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     check = FunctionReward(ppo.eval_reward_fn) if ppo.eval_reward_fn else None
 
     # --- policy + delta, value head; the reference is the policy with the delta disabled ----------
-    model, _ = load_model(cfg.model, task="causal-lm")
+    model, _ = load_model(cfg.model, task="causal-lm", quantize=cfg.quantize)
     deltas = attach_deltas(model, cfg, device, log)
     value_head = ValueHead(model.config.hidden_size).to(device)
     model.eval()  # no dropout: rollout and update log-probs come from the same function

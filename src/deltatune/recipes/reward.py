@@ -38,7 +38,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     # --- model: one-label classifier + delta + trainable head ------------------------------------
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(cfg.model, task="seq-cls", num_labels=1)
+    model, _ = load_model(cfg.model, task="seq-cls", num_labels=1, quantize=cfg.quantize)
     deltas = attach_deltas(model, cfg, device, log, head=classifier_head)
     pad = tokenizer.pad_token_id
 

@@ -30,6 +30,7 @@ from deltatune.data.loader import BatchStream
 from deltatune.deltas import DeltaSet
 from deltatune.errors import Interrupted, TrainingError
 from deltatune.train import dist
+from deltatune.train.allocator import release_freed_memory
 from deltatune.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -98,6 +99,14 @@ def check_precision(cfg: TrainConfig, device: torch.device) -> None:
             "train.precision is bf16, but this CPU has no native bf16 (no avx512_bf16/amx in /proc/cpuinfo): "
             "bf16 matmuls would be emulated, ~100x slower than fp32. Use train.precision: fp32 (or auto)."
         )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (non-reentrant: works with a frozen base,
+    whose inputs need no gradient)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise TrainingError("train.gradient_checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -251,6 +260,9 @@ def train(
     """
     device = next(model.parameters()).device
     check_precision(cfg, device)
+    release_freed_memory()  # peak RSS follows live tensors (train/allocator.py)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     autocast = lambda: autocast_for(cfg, device)  # noqa: E731
     rank, world = dist.rank(), dist.world_size()
     stream.shard(rank, world)
