@@ -138,7 +138,7 @@ def model_config(spec: str):
     from transformers import AutoConfig
 
     from deltatune.models.aliases import ALIASES, PackagedModel, RandomModel, packaged_path
-    from deltatune.models.load import _gguf_cache_dir, load_tokenizer
+    from deltatune.models.load import _gguf_cache_dir, load_tokenizer, resolve_model_source
 
     entry = ALIASES.get(spec)
     if isinstance(entry, RandomModel):
@@ -155,7 +155,11 @@ def model_config(spec: str):
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if path.is_dir():
         return AutoConfig.from_pretrained(path)
-    return AutoConfig.from_pretrained(spec)  # a hub id (online)
+    source = resolve_model_source(spec)  # a clear error for a spec that is no alias, file or hub id
+    try:
+        return AutoConfig.from_pretrained(source)  # a hub id (online)
+    except OSError as error:
+        raise UserError(f"cannot read the config of model '{spec}': {str(error).splitlines()[0]}") from None
 
 
 # ---- the micro-batches of the run -------------------------------------------------------------
