@@ -45,7 +45,9 @@ def train(
     from deltatune.config import load_config
 
     cfg = load_config(config, overrides or [])
-    if not force:
+    from deltatune.perf.estimate import ESTIMATED_STAGES
+
+    if not force and cfg.stage in ESTIMATED_STAGES:
         _quiet_libraries()
         from deltatune.perf.fit import check_fits
 

@@ -429,6 +429,11 @@ def _assemble(
     )
 
 
+ESTIMATED_STAGES = ("sft", "pt")
+"""Stages the estimator models: a causal LM with next-token loss (the other stages' heads, pair
+batches and rollouts are not traced yet; `deltatune train` skips the check for them)."""
+
+
 class EstimateContext:
     """What every variant of one run shares (model config, tokenized rows, device), with traces
     cached per (method, quantization, delta configs): estimates of batch sizes and
@@ -438,6 +443,11 @@ class EstimateContext:
         from deltatune.models import load_tokenizer
         from deltatune.train.loop import resolve_device
 
+        if cfg.stage not in ESTIMATED_STAGES:
+            raise UserError(
+                f"the memory estimate models the stages {', '.join(ESTIMATED_STAGES)} only; "
+                f"stage {cfg.stage} is not modelled yet (deltatune train runs it without the check)"
+            )
         self.cfg = cfg
         self.world_size = world_size
         self.strategy = getattr(cfg.train, "distributed", "ddp")
