@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,6 +26,12 @@ import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the launching process)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 def batches(path: Path, batch: int, steps: int, pad_id: int):
     examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -104,7 +109,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "stack": f"transformers + peft, plain torch loop, {args.precision}, padded batches",
         "records": records,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _peak_rss(),
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "notes": notes,

@@ -17,6 +17,14 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
     """Peak memory of this process: CUDA allocator peak on a GPU, else peak resident set size."""
     if device is not None and device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        # VmHWM belongs to this process's own address space; ru_maxrss survives exec, so a process
+        # started from a large parent (a test runner, a notebook) would report the parent's peak
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
