@@ -18,15 +18,6 @@ from deltatune.export.peft_format import load_deltas, save_deltas
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _base(family: str) -> nn.Module:
     import transformers

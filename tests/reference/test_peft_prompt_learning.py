@@ -20,15 +20,6 @@ from deltatune.deltas.registry import delta_config_class
 from deltatune.export.peft_format import load_deltas, save_deltas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _base(family: str):
     import transformers

@@ -18,14 +18,6 @@ from deltatune.deltas.lora import LoraConfig, LoraLayer
 from deltatune.export.peft_format import save_deltas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _base() -> nn.Module:
     import transformers

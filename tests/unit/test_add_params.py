@@ -45,15 +45,6 @@ def perturb(deltas, std: float = 0.1) -> None:
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 IDS = torch.tensor([[5, 17, 42, 8, 99, 23, 7], [11, 3, 250, 64, 0, 0, 0]])
 MASK = (IDS != 0).long()
 

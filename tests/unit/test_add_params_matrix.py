@@ -73,15 +73,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _base(family: str) -> nn.Module:
     return FAMILIES[family].build().eval()

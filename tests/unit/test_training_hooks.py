@@ -9,7 +9,6 @@ import functools
 import math
 import shutil
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -25,14 +24,6 @@ from deltatune.export.outputs import save_outputs
 from deltatune.export.peft_format import load_deltas, save_deltas
 from deltatune.objectives.clm import count_label_tokens, lm_loss
 from deltatune.train.loop import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache
