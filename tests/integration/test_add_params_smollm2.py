@@ -31,7 +31,7 @@ def _eval_loss_before() -> float:
 @pytest.mark.parametrize(
     "method,lr,fraction,max_share",
     [
-        ("adapter", 2e-3, 0.7, 0.01),  # 16x reduction at attention and MLP outputs
+        ("adapter", 2e-3, 0.7, 0.02),  # 2 x 30 adapters of 2 x 576 x 36 + 612 parameters: 1.8%
         ("prompt", 3e-2, 0.9, 0.0002),  # 20 x 576 embeddings
         ("prefix", 1e-3, 0.5, 0.05),  # the reparameterisation MLP trains (its output, 0.2M, is saved)
     ],
