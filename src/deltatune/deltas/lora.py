@@ -44,6 +44,7 @@ from deltatune.deltas.inject import find_targets
 from deltatune.deltas.layer import DeltaLayer, find_layer, innermost, unwrap_adapter, wrap
 from deltatune.deltas.lora_fused import lora_branch
 from deltatune.errors import ConfigError, UserError
+from deltatune.models.quantize import QuantizedLinear
 
 __all__ = ["LoraConfig", "Lora", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv2d", "pattern_value"]
 
@@ -140,7 +141,8 @@ class LoraLayer(DeltaLayer):
         self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str = "kaiming", dora: bool = False
     ) -> None:
         self.register_adapter(name)
-        weight = self.base.weight
+        # a quantized base would rebuild its whole weight for `.weight`: its fp32 scales tell the same
+        weight = self.base.weight_scale if isinstance(self.base, QuantizedLinear) else self.base.weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32}
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r

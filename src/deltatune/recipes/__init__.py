@@ -47,7 +47,9 @@ def run_stage(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, A
     """
     from deltatune.models.load import resolve_model_source
     from deltatune.train import dist
+    from deltatune.train.allocator import release_freed_memory
 
+    release_freed_memory()  # before loading: RSS follows live tensors from the start (train/allocator.py)
     with dist.session(cfg.train.device, cfg.train.dist_timeout):
         if dist.is_distributed():
             dist.main_first(lambda: resolve_model_source(cfg.model))
