@@ -74,7 +74,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, 
     prompts = [r.fields for r in read_records(DATA_DIR / "heldout.jsonl")]
     log(
         "deltatune demo: teaching smollm2-135m-instruct to answer every question as "
-        '{"answer": ..., "category": ...} with LoRA, then scoring it on '
+        f'{{"answer": ..., "category": ...}} with {"+".join(d.method for d in cfg.delta)}, then scoring it on '
         f"{len(prompts)} held-out prompts (new entities and phrasings).\n"
     )
     run_stage(cfg, log)
