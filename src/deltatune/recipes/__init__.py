@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.config import RunConfig
+from deltatune.errors import UserError
 from deltatune.recipes import classify, dpo, grpo, mlm, ppo, pt, reward, sft, tokens
 from deltatune.recipes.common import EvalSetup
 
@@ -29,6 +30,9 @@ STAGES: dict[str, Callable[[RunConfig, Callable[[str], None]], dict[str, Any]]] 
     "ppo": ppo.run,
     "grpo": grpo.run,
 }
+
+SINGLE_PROCESS = ("ppo", "grpo")
+"""Stages with their own rollout loop, not yet written for several processes."""
 
 EVAL_SETUPS: dict[str, Callable[[RunConfig, Path], EvalSetup]] = {
     "sft": sft.eval_setup,
@@ -52,6 +56,11 @@ def run_stage(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, A
     release_freed_memory()  # before loading: RSS follows live tensors from the start (train/allocator.py)
     with dist.session(cfg.train.device, cfg.train.dist_timeout):
         if dist.is_distributed():
+            if cfg.stage in SINGLE_PROCESS:
+                raise UserError(
+                    f"stage {cfg.stage} runs on one process (its rollout loop does not share work between "
+                    "processes yet): run it without --nproc / torchrun"
+                )
             dist.main_first(lambda: resolve_model_source(cfg.model))
             log = log if dist.is_main() else _quiet
         return STAGES[cfg.stage](cfg, log)
