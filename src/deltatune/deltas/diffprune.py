@@ -38,7 +38,7 @@ from torch import nn
 
 from deltatune.deltas.base import Delta, DeltaConfig
 from deltatune.deltas.inject import find_targets
-from deltatune.deltas.layer import DeltaLayer, find_layer, unwrap_adapter, wrap
+from deltatune.deltas.layer import DeltaLayer, WrappedDelta, wrap
 from deltatune.errors import UserError
 
 __all__ = ["DiffPruneConfig", "DiffPrune", "DiffLinear", "hard_concrete", "expected_l0"]
@@ -129,10 +129,12 @@ class DiffLinear(DeltaLayer):
         return f"adapters={self.adapter_names}"
 
 
-class DiffPrune(Delta):
+class DiffPrune(WrappedDelta):
     """Diff pruning (Guo et al. 2021): a learned difference per chosen weight with hard-concrete L0 gates, projected to a sparse budget at the end; mergeable."""
 
     config_class = DiffPruneConfig
+    layer_class = DiffLinear
+    set_row_mask = Delta.set_row_mask  # DiffLinear applies to whole batches only
     mergeable = True
     config: DiffPruneConfig
 
@@ -142,29 +144,10 @@ class DiffPrune(Delta):
         for path in self.paths:
             wrap(model, path, DiffLinear).add_adapter(self.name, cfg.log_alpha_init)
 
-    def layers(self) -> Iterator[tuple[str, DiffLinear]]:
-        assert self.model is not None, "attach the delta first"
-        for path in self.paths:
-            yield path, find_layer(self.model, path, DiffLinear)
-
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, layer in self.layers():
             yield f"{path}.diff_w.{self.name}", layer.diff_w[self.name]
             yield f"{path}.diff_log_alpha.{self.name}", layer.diff_log_alpha[self.name]
-
-    def set_enabled(self, enabled: bool) -> None:
-        for _, layer in self.layers():
-            (layer.disabled_adapters.discard if enabled else layer.disabled_adapters.add)(self.name)
-
-    def _merge(self, sign: float) -> None:
-        for _, layer in self.layers():
-            layer.merge_adapter(self.name, sign)
-
-    def remove(self) -> None:
-        assert self.model is not None
-        for path in self.paths:
-            unwrap_adapter(self.model, path, DiffLinear, self.name)
-        self.model, self.merged = None, False
 
     # ---- training hooks ---------------------------------------------------------------------------
     @property

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from deltatune.deltas.base import Delta, DeltaConfig
+from deltatune.deltas.base import DeltaConfig
 from deltatune.deltas.inject import find_targets
-from deltatune.deltas.layer import DeltaLayer, find_layer, unwrap_adapter, wrap
+from deltatune.deltas.layer import DeltaLayer, WrappedDelta, wrap
 from deltatune.errors import UserError
 
 __all__ = ["IA3Config", "IA3", "IA3Linear", "AUTO_TARGET", "AUTO_FEEDFORWARD"]
@@ -128,10 +128,11 @@ def _matches(path: str, spec: str | list[str]) -> bool:
     return any(path == t or path.endswith(f".{t}") for t in spec)
 
 
-class IA3(Delta):
+class IA3(WrappedDelta):
     """(IA)3 (Liu et al. 2022): learned vectors, initialised to 1, rescale keys, values and the feed-forward input; mergeable."""
 
     config_class = IA3Config
+    layer_class = IA3Linear
     mergeable = True
     peft_type = "IA3"
     config: IA3Config
@@ -145,35 +146,9 @@ class IA3(Delta):
         for path in self.paths:
             wrap(model, path, IA3Linear).add_adapter(self.name, path in self.ff_paths)
 
-    def layers(self) -> Iterator[tuple[str, IA3Linear]]:
-        assert self.model is not None, "attach the delta first"
-        for path in self.paths:
-            yield path, find_layer(self.model, path, IA3Linear)
-
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, layer in self.layers():
             yield f"{path}.ia3_l.{self.name}", layer.ia3_l[self.name]
-
-    def set_enabled(self, enabled: bool) -> None:
-        for _, layer in self.layers():
-            (layer.disabled_adapters.discard if enabled else layer.disabled_adapters.add)(self.name)
-
-    def _merge(self, sign: float) -> None:
-        for _, layer in self.layers():
-            layer.merge_adapter(self.name, sign)
-
-    def set_row_mask(self, mask: torch.Tensor | None) -> None:
-        for _, layer in self.layers():
-            if mask is None:
-                layer.row_masks.pop(self.name, None)
-            else:
-                layer.row_masks[self.name] = mask
-
-    def remove(self) -> None:
-        assert self.model is not None
-        for path in self.paths:
-            unwrap_adapter(self.model, path, IA3Linear, self.name)
-        self.model, self.merged = None, False
 
     # ---- on-disk format (PEFT's IA3 layout) -----------------------------------------------------
     def peft_config(self) -> dict[str, Any]:

@@ -13,10 +13,13 @@ Wrappers of different methods on one module nest (LoRA + BitFit on `q_proj`: the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeVar
 
 import torch
 from torch import nn
+
+from deltatune.deltas.base import Delta
 
 __all__ = ["DeltaLayer", "find_layer", "wrap", "unwrap_adapter", "innermost"]
 
@@ -140,3 +143,37 @@ def unwrap_adapter(model: nn.Module, path: str, cls: type[DeltaLayer], name: str
     while outer.base_layer is not layer:
         outer = outer.base_layer
     outer.base_layer = layer.base_layer
+
+
+class WrappedDelta(Delta):
+    """A delta that lives as named adapters inside `layer_class` wrappers at `self.paths` (LoRA,
+    IA3, diff pruning): enabling, merging, row masks and removal are the same loop over them."""
+
+    layer_class: type[DeltaLayer] = DeltaLayer
+    paths: list[str]
+
+    def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
+        assert self.model is not None, "attach the delta first"
+        for path in self.paths:
+            yield path, find_layer(self.model, path, self.layer_class)
+
+    def set_enabled(self, enabled: bool) -> None:
+        for _, layer in self.layers():
+            (layer.disabled_adapters.discard if enabled else layer.disabled_adapters.add)(self.name)
+
+    def _merge(self, sign: float) -> None:
+        for _, layer in self.layers():
+            layer.merge_adapter(self.name, sign)
+
+    def set_row_mask(self, mask: torch.Tensor | None) -> None:
+        for _, layer in self.layers():
+            if mask is None:
+                layer.row_masks.pop(self.name, None)
+            else:
+                layer.row_masks[self.name] = mask
+
+    def remove(self) -> None:
+        assert self.model is not None
+        for path in self.paths:
+            unwrap_adapter(self.model, path, self.layer_class, self.name)
+        self.model, self.merged = None, False

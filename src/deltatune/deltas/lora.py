@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from deltatune.deltas.base import Delta, DeltaConfig
+from deltatune.deltas.base import DeltaConfig
 from deltatune.deltas.inject import find_targets
-from deltatune.deltas.layer import DeltaLayer, find_layer, innermost, unwrap_adapter, wrap
+from deltatune.deltas.layer import DeltaLayer, WrappedDelta, innermost, wrap
 from deltatune.deltas.lora_fused import lora_branch
 from deltatune.errors import ConfigError, UserError
 from deltatune.models.quantize import QuantizedLinear
@@ -342,10 +342,11 @@ _LAYERS: tuple[tuple[type[nn.Module], type[LoraLayer]], ...] = (
 )
 
 
-class Lora(Delta):
+class Lora(WrappedDelta):
     """Low-rank adaptation (Hu et al. 2021): a trainable update (alpha/r)·B·A beside each targeted Linear, Embedding or Conv2d; DoRA, rsLoRA, PiSSA, per-module ranks; mergeable."""
 
     config_class = LoraConfig
+    layer_class = LoraLayer
     mergeable = True
     peft_type = "LORA"
     config: LoraConfig
@@ -366,41 +367,15 @@ class Lora(Delta):
             alpha = pattern_value(cfg.alpha_pattern, path, cfg.alpha)
             wrap(model, path, cls).add_adapter(self.name, r, alpha, cfg.dropout, cfg.rslora, cfg.init, cfg.use_dora)
 
-    def layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        assert self.model is not None, "attach the delta first"
-        for path in self.paths:
-            yield path, find_layer(self.model, path, LoraLayer)
-
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, layer in self.layers():
             for key, param in layer.adapter_parameters(self.name).items():
                 yield f"{path}.{key}", param
 
-    def set_enabled(self, enabled: bool) -> None:
-        for _, layer in self.layers():
-            (layer.disabled_adapters.discard if enabled else layer.disabled_adapters.add)(self.name)
-
     def merge(self) -> None:
         if not self.mergeable:
             raise TypeError("this LoRA adapts an input embedding tied to the output layer; merging it would change the head too")
         super().merge()
-
-    def _merge(self, sign: float) -> None:
-        for _, layer in self.layers():
-            layer.merge_adapter(self.name, sign)
-
-    def set_row_mask(self, mask: torch.Tensor | None) -> None:
-        for _, layer in self.layers():
-            if mask is None:
-                layer.row_masks.pop(self.name, None)
-            else:
-                layer.row_masks[self.name] = mask
-
-    def remove(self) -> None:
-        assert self.model is not None
-        for path in self.paths:
-            unwrap_adapter(self.model, path, LoraLayer, self.name)
-        self.model, self.merged = None, False
 
     # ---- on-disk format (PEFT's LoRA layout) ----------------------------------------------------
     def _ranks(self, factor: int = 1) -> tuple[int, float, dict[str, int], dict[str, float]]:
