@@ -24,21 +24,19 @@ models get one prefix per key/value head (kv_dim = kv_heads * head_dim), as in P
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import Delta
 from deltatune.deltas.kv_prefix import PrefixHost, attention_shape
 from deltatune.deltas.prompt import (
     PROMPT_KEY,
     TokenInitConfig,
+    VirtualTokenDelta,
     _single_submodule,
     init_token_ids,
-    output_with,
 )
 from deltatune.errors import UserError
 
@@ -92,21 +90,14 @@ class PrefixEncoder(nn.Module):
         return out if self.offset is None else out + self.offset
 
 
-class Prefix(Delta):
+class Prefix(VirtualTokenDelta):
     """Trainable per-layer key/value prefixes (see module docstring). Not mergeable."""
 
     config_class = PrefixConfig
     peft_type = "PREFIX_TUNING"
     container = "prefix_tuning"
+    host_class = PrefixHost
     config: PrefixConfig
-
-    # ---- the source protocol of PrefixHost ----------------------------------------------------------
-    enabled: bool = True
-    row_mask: torch.Tensor | None = None
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.config.num_virtual_tokens
 
     def prefix_states(self) -> torch.Tensor:
         """[layers, 2, kv_heads, k, head_dim]: keys (index 0) and values (1) of every layer."""
@@ -128,30 +119,13 @@ class Prefix(Delta):
         self.layers, self.kv_heads, self.head_dim = attention_shape(model)
         self.kv_dim = self.kv_heads * self.head_dim
         self.folded = not self.projection
-        modules = getattr(model, self.container, None)
-        if modules is None:
-            modules = nn.ModuleDict()
-            model.add_module(self.container, modules)
-        if self.name in modules:
-            raise ValueError(f"adapter '{self.name}' of method {self.config.method} already exists on this model")
         device = next(model.parameters()).device
         hidden = getattr(self.config, "projection_hidden", 0)
         encoder = PrefixEncoder(self.num_virtual_tokens, self.kv_dim, self.layers, self.projection, hidden, device)
-        modules[self.name] = encoder
-        self.enabled, self.row_mask = True, None
-        host = PrefixHost.of(model)
-        host.add(self)
+        host = self._add_module(model, encoder)
         if self.config.init != "random":
             states = host.capture(init_token_ids(model, self.config, self.num_virtual_tokens))  # [L, 2, kvh, k, d]
             encoder.start_from(states.permute(3, 0, 1, 2, 4).reshape(self.num_virtual_tokens, -1).float())
-
-    def module(self) -> PrefixEncoder:
-        assert self.model is not None, "attach the delta first"
-        return getattr(self.model, self.container)[self.name]
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for key, param in self.module().named_parameters():
-            yield f"{self.container}.{self.name}.{key}", param
 
     def fold(self) -> None:
         """Replace the reparameterisation by its output (what is saved); a no-op when folded."""
@@ -164,27 +138,7 @@ class Prefix(Delta):
         getattr(self.model, self.container)[self.name] = table
         self.folded = True
 
-    # ---- switching ---------------------------------------------------------------------------------
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def set_row_mask(self, mask: torch.Tensor | None) -> None:
-        self.row_mask = None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-
-    def remove(self) -> None:
-        assert self.model is not None
-        PrefixHost.of(self.model).remove(self)
-        modules = getattr(self.model, self.container)
-        del modules[self.name]
-        if not len(modules):
-            delattr(self.model, self.container)
-
     # ---- on disk: PEFT's PREFIX_TUNING layout ------------------------------------------------------
-    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """`prompt_embeddings`: the folded prefix [k, layers * 2 * kv_dim] (from `state`, full
-        tensors by in-memory name, if given)."""
-        return {PROMPT_KEY: output_with(self.module(), f"{self.container}.{self.name}.", state).detach()}
-
     def import_state(self, stored: dict[str, torch.Tensor], source: str = "adapter") -> None:
         value = stored.get(PROMPT_KEY)
         expected = (self.num_virtual_tokens, self.layers * 2 * self.kv_dim)

@@ -74,16 +74,16 @@ def text_config(model: nn.Module) -> Any:
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-class Prompt(Delta):
-    """Virtual tokens in front of the input (see module docstring). Not mergeable."""
+class VirtualTokenDelta(Delta):
+    """What prompt, P-tuning, prefix and P-tuning v2 share: one module per adapter in the ModuleDict
+    `model.<container>`, applied by a host of forward hooks (`host_class`: virtual tokens in the
+    input, or key/value prefixes in every attention layer) that reads `enabled` and `row_mask`."""
 
-    config_class = PromptConfig
-    peft_type = "PROMPT_TUNING"
-    container: ClassVar[str] = "prompt_tuning"
+    container: ClassVar[str]
     """Attribute of the model holding the adapters' modules (a ModuleDict keyed by adapter name)."""
-    config: PromptConfig
+    host_class: ClassVar[type]
 
-    # ---- the source protocol of PromptHost -------------------------------------------------------
+    # ---- the source protocol of the hosts ----------------------------------------------------------
     enabled: bool = True
     row_mask: torch.Tensor | None = None
 
@@ -91,34 +91,19 @@ class Prompt(Delta):
     def num_virtual_tokens(self) -> int:
         return self.config.num_virtual_tokens
 
-    def prompt_embeddings(self) -> torch.Tensor:
-        """[k, hidden] virtual-token embeddings."""
-        return self.module()()
-
-    # ---- building ----------------------------------------------------------------------------------
-    def _attach(self, model: nn.Module) -> None:
-        embeddings = backbone_of(model).get_input_embeddings()
-        self.hidden = embeddings.weight.shape[1]
+    def _add_module(self, model: nn.Module, module: nn.Module) -> Any:
+        """Store `module` under `model.<container>[name]` and register with the model's host (returned)."""
         modules = getattr(model, self.container, None)
         if modules is None:
             modules = nn.ModuleDict()
             model.add_module(self.container, modules)
         if self.name in modules:
             raise ValueError(f"adapter '{self.name}' of method {self.config.method} already exists on this model")
-        modules[self.name] = self.build(model, embeddings)
+        modules[self.name] = module
         self.enabled, self.row_mask = True, None
-        PromptHost.of(model).add(self)
-
-    def build(self, model: nn.Module, embeddings: nn.Embedding) -> nn.Module:
-        """The module holding this adapter's parameters."""
-        return PromptTable(self.initial_prompt(model, embeddings))
-
-    def initial_prompt(self, model: nn.Module, embeddings: nn.Embedding) -> torch.Tensor:
-        """[k, hidden] fp32 starting values (see `PromptConfig.init`)."""
-        weight = embeddings.weight.detach()
-        if self.config.init == "random":
-            return torch.randn(self.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.float().std()
-        return weight[init_token_ids(model, self.config, self.num_virtual_tokens)].float().clone()
+        host = self.host_class.of(model)
+        host.add(self)
+        return host
 
     def module(self) -> nn.Module:
         assert self.model is not None, "attach the delta first"
@@ -137,7 +122,7 @@ class Prompt(Delta):
 
     def remove(self) -> None:
         assert self.model is not None
-        PromptHost.of(self.model).remove(self)
+        self.host_class.of(self.model).remove(self)
         modules = getattr(self.model, self.container)
         del modules[self.name]
         if not len(modules):
@@ -145,10 +130,43 @@ class Prompt(Delta):
 
     # ---- on disk: PEFT's prompt-learning layout ----------------------------------------------------
     def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """`prompt_embeddings`: the [k, hidden] virtual tokens (an encoder's output, for P-tuning),
-        computed from `state` (full tensors by in-memory name, e.g. gathered FSDP shards) if given."""
+        """`prompt_embeddings`: what the adapter's module outputs (virtual tokens [k, hidden], or a
+        folded prefix [k, layers * 2 * kv_dim]), computed from `state` (full tensors by in-memory
+        name, e.g. gathered FSDP shards) if given."""
         return {PROMPT_KEY: output_with(self.module(), f"{self.container}.{self.name}.", state).detach()}
 
+
+class Prompt(VirtualTokenDelta):
+    """Virtual tokens in front of the input (see module docstring). Not mergeable."""
+
+    config_class = PromptConfig
+    peft_type = "PROMPT_TUNING"
+    container = "prompt_tuning"
+    host_class = PromptHost
+    config: PromptConfig
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """[k, hidden] virtual-token embeddings."""
+        return self.module()()
+
+    # ---- building ----------------------------------------------------------------------------------
+    def _attach(self, model: nn.Module) -> None:
+        embeddings = backbone_of(model).get_input_embeddings()
+        self.hidden = embeddings.weight.shape[1]
+        self._add_module(model, self.build(model, embeddings))
+
+    def build(self, model: nn.Module, embeddings: nn.Embedding) -> nn.Module:
+        """The module holding this adapter's parameters."""
+        return PromptTable(self.initial_prompt(model, embeddings))
+
+    def initial_prompt(self, model: nn.Module, embeddings: nn.Embedding) -> torch.Tensor:
+        """[k, hidden] fp32 starting values (see `PromptConfig.init`)."""
+        weight = embeddings.weight.detach()
+        if self.config.init == "random":
+            return torch.randn(self.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.float().std()
+        return weight[init_token_ids(model, self.config, self.num_virtual_tokens)].float().clone()
+
+    # ---- on disk: PEFT's prompt-learning layout ----------------------------------------------------
     def import_state(self, stored: dict[str, torch.Tensor], source: str = "adapter") -> None:
         value = stored.get(PROMPT_KEY)
         expected = (self.num_virtual_tokens, self.hidden)
