@@ -20,12 +20,12 @@ from deltatune.errors import UserError
 from deltatune.export.outputs import save_outputs
 from deltatune.inference import save_chat_template
 from deltatune.models import load_model
+from deltatune.train.allocator import allocator_in_use
 from deltatune.train.dist import is_main, world_size
 from deltatune.train.logs import plot_losses
 from deltatune.train.loop import LossFn, TrainResult, autocast_for, evaluate, resolve_device
 from deltatune.train.parallel import delta_weights
 from deltatune.train.rundir import prepare_run_dir
-from deltatune.train.allocator import allocator_in_use
 from deltatune.train.summary import peak_memory_bytes, update_summary
 
 __all__ = [
