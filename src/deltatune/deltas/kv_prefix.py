@@ -34,11 +34,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from deltatune.deltas.virtual import HOST_ATTR as PROMPT_HOST_ATTR
 from deltatune.deltas.virtual import backbone_of, forward_kwargs, past_length
 from deltatune.errors import ConfigError
+from deltatune.models.packed_attention import PACKED_SDPA
 
 __all__ = ["PrefixHost", "attention_shape", "attention_modules"]
 
 _WRAPPED = "deltatune_prefix_"
-_SUPPORTED = ("sdpa", "eager")
+_SUPPORTED = ("sdpa", "eager", PACKED_SDPA)
 _HOST_ATTR = "_deltatune_prefix_host"
 
 

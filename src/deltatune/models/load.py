@@ -30,6 +30,7 @@ from transformers import (
 
 from deltatune.errors import UserError
 from deltatune.models.aliases import ALIASES, PackagedModel, RandomModel, known_aliases, packaged_path
+from deltatune.models.packed_attention import use_packed_attention
 
 __all__ = ["TASKS", "cache_root", "load_model", "load_tokenizer", "resolve_model_source"]
 
@@ -167,6 +168,8 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.name_or_path = spec
+    if task == "causal-lm":
+        use_packed_attention(model)  # packed rows: each document attends only to itself, at its own cost
     if quantize != "none":
         from deltatune.models.quantize import quantize_model
 
