@@ -12,7 +12,7 @@ import pytest
 
 from deltatune.perf.synthetic import write_synthetic_chats
 from deltatune.train import allocator
-from deltatune.train.allocator import preload_env, tcmalloc_path
+from deltatune.train.allocator import preload_env, tcmalloc_path, without_preload
 
 
 def test_preload_env_adds_tcmalloc_once_and_respects_the_opt_out(monkeypatch):
@@ -20,6 +20,8 @@ def test_preload_env_adds_tcmalloc_once_and_respects_the_opt_out(monkeypatch):
     env = preload_env({"PATH": "/bin", "LD_PRELOAD": "/lib/libother.so"})
     assert env["LD_PRELOAD"] == "/lib/libtcmalloc_minimal.so.4 /lib/libother.so" and env["PATH"] == "/bin"
     assert preload_env(env) is None  # the re-executed process does not loop
+    assert without_preload(env) == {"PATH": "/bin", "LD_PRELOAD": "/lib/libother.so"}
+    assert without_preload(preload_env({"PATH": "/bin"})) == {"PATH": "/bin"}
     assert preload_env({"LD_PRELOAD": "/opt/libtcmalloc.so"}) is None  # the user's own preload wins
     assert preload_env({"DELTATUNE_MALLOC": "default"}) is None
     monkeypatch.setattr(allocator, "tcmalloc_path", lambda: None)

@@ -210,7 +210,7 @@ def run_bench(
     """Run both stacks alternately and return the result line (see module doc)."""
     from deltatune.models.load import resolve_model_source
     from deltatune.perf.machine import cpu_description, matmul_peak_flops
-    from deltatune.train.allocator import preload_env
+    from deltatune.train.allocator import preload_env, without_preload
     from deltatune.train.loop import cpu_has_native_bf16
 
     if against != "hf":
@@ -229,13 +229,15 @@ def run_bench(
         runs: dict[str, list[dict]] = {"baseline": [], "deltatune": []}
         for _ in range(repeats):
             out = tmp / "baseline.json"
-            runs["baseline"].append(_child([sys.executable, str(script), "--model", model_dir, *common, *ckpt, "--out", str(out)], out))
+            runs["baseline"].append(_child(
+                [sys.executable, str(script), "--model", model_dir, *common, *ckpt, "--out", str(out)], out, without_preload(dict(os.environ))
+            ))
             out = tmp / "deltatune.json"
-            # deltatune runs as its command does (tcmalloc preloaded where installed); the usual
-            # stack with the process's allocator (glibc's unless the user preloaded another)
+            # deltatune runs as its command does (tcmalloc preloaded where installed), the usual
+            # stack with the user's allocator (glibc's unless they preloaded another)
             runs["deltatune"].append(_child(
                 [sys.executable, "-m", "deltatune.perf.bench", "--model", model, "--seq", str(seq), *common, *ckpt, "--out", str(out)],
-                out, preload_env(dict(os.environ)),
+                out, preload_env(dict(os.environ)) or dict(os.environ),
             ))
     base = max((_summarise(r) for r in runs["baseline"]), key=lambda s: s["tokens_per_s"])
     ours = max((_summarise(r) for r in runs["deltatune"]), key=lambda s: s["tokens_per_s"])

@@ -26,7 +26,7 @@ import ctypes.util
 import os
 from pathlib import Path
 
-__all__ = ["allocator_in_use", "preload_env", "release_freed_memory", "tcmalloc_path"]
+__all__ = ["allocator_in_use", "preload_env", "release_freed_memory", "tcmalloc_path", "without_preload"]
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 _REEXEC_MARK = "DELTATUNE_ALLOCATOR_PRELOADED"
@@ -54,7 +54,22 @@ def preload_env(env: dict[str, str]) -> dict[str, str] | None:
     if library is None or "tcmalloc" in env.get("LD_PRELOAD", ""):
         return None
     preload = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
-    return {**env, "LD_PRELOAD": preload, _REEXEC_MARK: "1"}
+    return {**env, "LD_PRELOAD": preload, _REEXEC_MARK: library}
+
+
+def without_preload(env: dict[str, str]) -> dict[str, str]:
+    """`env` as it was before `preload_env` (for child processes that must run with the
+    user's own allocator, such as the benchmark's baseline)."""
+    library = env.get(_REEXEC_MARK)
+    if not library:
+        return dict(env)
+    env = {k: v for k, v in env.items() if k != _REEXEC_MARK}
+    preload = " ".join(p for p in env.get("LD_PRELOAD", "").split() if p != library)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
 
 
 def allocator_in_use() -> str:
