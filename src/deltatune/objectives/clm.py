@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.data.tokenize import IGNORE
+from deltatune.objectives.linear_ce import linear_cross_entropy_sum
 
 __all__ = ["count_label_tokens", "causal_lm_loss_sum", "lm_loss", "model_inputs"]
 
@@ -68,5 +69,14 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state  # [B, T, H]
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
+    head = model.get_output_embeddings()
+    if _plain_head(head):  # chunked through the head: the [N, V] logits never exist at once
+        return linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, targets[keep]), count
+    logits = head(hidden[:, :-1][keep])  # [N, V]
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), count
+
+
+def _plain_head(head: torch.nn.Module) -> bool:
+    """An unwrapped bias-free Linear whose weight is a plain tensor (not a delta-wrapped head, not a
+    parameter sharded by FSDP, which only its own forward gathers)."""
+    return type(head) is torch.nn.Linear and head.bias is None and type(head.weight.data) is torch.Tensor
