@@ -11,7 +11,7 @@ from deltatune.objectives.clm import causal_lm_loss_sum, lm_loss
 
 
 def test_loss_and_gradients_equal_the_plain_computation(monkeypatch):
-    monkeypatch.setattr(linear_ce, "_CHUNK_LOGITS", 50 * 16)  # chunks of 16 rows: 37 = 16 + 16 + 5
+    monkeypatch.setattr(linear_ce, "CHUNK_LOGITS", 50 * 16)  # chunks of 16 rows: 37 = 16 + 16 + 5
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)

@@ -70,13 +70,15 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     targets = labels[:, 1:]
     keep = targets != IGNORE
     head = model.get_output_embeddings()
-    if _plain_head(head):  # chunked through the head: the [N, V] logits never exist at once
+    if plain_head(head):  # chunked through the head: the [N, V] logits never exist at once
         return linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, targets[keep]), count
     logits = head(hidden[:, :-1][keep])  # [N, V]
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), count
 
 
-def _plain_head(head: torch.nn.Module) -> bool:
-    """An unwrapped bias-free Linear whose weight is a plain tensor (not a delta-wrapped head, not a
-    parameter sharded by FSDP, which only its own forward gathers)."""
-    return type(head) is torch.nn.Linear and head.bias is None and type(head.weight.data) is torch.Tensor
+def plain_head(head: torch.nn.Module | None) -> bool:
+    """An unwrapped bias-free Linear whose weight is not sharded: the head `lm_loss` runs chunked
+    (not a delta-wrapped head; not an FSDP-sharded weight, which only the module's forward gathers)."""
+    from torch.distributed.tensor import DTensor
+
+    return type(head) is torch.nn.Linear and head.bias is None and not isinstance(head.weight.data, DTensor)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_cross_entropy_sum"]
+__all__ = ["CHUNK_LOGITS", "linear_cross_entropy_sum"]
 
 # rows per chunk: about 2^23 logits (32 MiB in fp32) at a time
-_CHUNK_LOGITS = 1 << 23
+CHUNK_LOGITS = 1 << 23
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -73,7 +73,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         weight: [V, H] the LM head (no bias).
         targets: [N] token ids (no ignore index: select the positions first).
     """
-    chunk = max(16, _CHUNK_LOGITS // weight.shape[0])
+    chunk = max(16, CHUNK_LOGITS // weight.shape[0])
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return _loss_and_grads(hidden, weight, targets, chunk, False, False)[0]
     return _ChunkedLinearCE.apply(hidden, weight, targets, chunk)

@@ -22,7 +22,9 @@ Peak memory of one process (bytes):
 - activations: the traced saved tensors, scaled linearly to each micro-batch's rows x length;
   with `train.gradient_checkpointing` only each block's input is kept, plus one block recomputed
   in the backward pass;
-- loss_head: logits, log-softmax and their gradients over the N label positions ([N, vocab]);
+- loss_head: for the chunked loss (objectives/linear_ce.py) the [N, hidden] gradient it keeps and
+  one chunk of logits with its temporaries; otherwise logits, log-softmax and their gradients over
+  the N label positions ([N, vocab]);
 - under ddp every rank holds all of the above plus a bucket copy of the gradients; under fsdp
   weights, gradients and optimizer states are divided by the world size, plus one block gathered.
 
@@ -43,6 +45,7 @@ from torch import nn
 
 from deltatune.config import RunConfig
 from deltatune.errors import UserError
+from deltatune.objectives.linear_ce import CHUNK_LOGITS
 
 __all__ = [
     "BatchShape",
@@ -199,6 +202,7 @@ class _Trace:
     traced_tokens: int
     largest_trainable: int
     lm_head_trains: bool
+    chunked_head: bool
     vocab: int
     hidden: int
     forward_macs_per_token: int
@@ -254,6 +258,7 @@ def _trace(config, cfg: RunConfig, method: str, quantize: str, shape: BatchShape
     from deltatune.deltas.registry import METHODS
     from deltatune.models.load import TASKS
     from deltatune.models.quantize import QuantizedLinear, quantize_model
+    from deltatune.objectives.clm import plain_head
     from deltatune.train.loop import autocast_for
 
     config, traced_depth, depth = _shallow(config, cfg)
@@ -322,6 +327,7 @@ def _trace(config, cfg: RunConfig, method: str, quantize: str, shape: BatchShape
             traced_tokens=shape.rows * shape.length,
             largest_trainable=max((p.numel() for p in trainable), default=0),
             lm_head_trains=head is not None and head.weight.requires_grad,
+            chunked_head=plain_head(head),
             vocab=config.vocab_size,
             hidden=config.hidden_size,
             forward_macs_per_token=macs + extra * sum(m.in_features * m.out_features for m in last_linears),
@@ -348,7 +354,11 @@ def _peak_for(tr: _Trace, cfg: RunConfig, shape: BatchShape, ckpt: bool) -> tupl
     kept = len(tr.per_layer) * tr.layer_input + block if ckpt else sum(tr.per_layer)
     activations = int((tr.outside + kept) * scale)
     bf16 = cfg.train.precision == "bf16"
-    loss_head = shape.label_tokens * tr.vocab * (14 if bf16 else 12)
+    if tr.chunked_head:
+        chunk_rows = min(shape.label_tokens, max(16, CHUNK_LOGITS // tr.vocab))
+        loss_head = shape.label_tokens * tr.hidden * 4 * 2 + chunk_rows * tr.vocab * (10 if bf16 else 8)
+    else:
+        loss_head = shape.label_tokens * tr.vocab * (14 if bf16 else 12)
     transient = int(max(tr.per_layer, default=0) * scale)
     return activations, loss_head, transient
 
