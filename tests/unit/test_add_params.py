@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from deltatune.deltas.prompt import PromptConfig
 from deltatune.deltas.ptuning import PTuningConfig
 from deltatune.deltas.ptuning2 import PTuning2Config
 from deltatune.errors import ConfigError
+from deltatune.models.packed_attention import use_packed_attention
 
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               initializer_range=0.1, pad_token_id=0)
@@ -112,8 +114,11 @@ def test_packed_rows_equal_each_document_alone():
     a, b = IDS[0], IDS[1, :4]
     packed = torch.cat([a, b])[None]
     positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]
-    for config in [PromptConfig(num_virtual_tokens=3), PTuningConfig(num_virtual_tokens=2, encoder="mlp"), PrefixConfig(num_virtual_tokens=3)]:
+    configs = [PromptConfig(num_virtual_tokens=3), PTuningConfig(num_virtual_tokens=2, encoder="mlp"), PrefixConfig(num_virtual_tokens=3)]
+    for config, packed_attention in itertools.product(configs, (False, True)):
         model = fresh()
+        if packed_attention:  # as load_model sets it: document-wise SDPA under the delta
+            assert use_packed_attention(model)
         perturb(attach(model, config))
         with torch.no_grad():
             together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0]

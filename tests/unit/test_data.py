@@ -175,8 +175,13 @@ def test_packed_logits_equal_unpacked_per_document(tiny_llama, tokenizer):
         # and the training loss of the packed batch is the sum of the documents' losses
         packed_loss, packed_count = lm_loss(model, batch)
         singles = [lm_loss(model, collate(as_rows([d]), tokenizer.pad_token_id)) for d in docs]
+        # padding-free: all rows as one row (documents still attend only to themselves)
+        flat = collate(rows, tokenizer.pad_token_id, single_row=True)
+        assert flat["input_ids"].shape[0] == 1 and int(flat["token_mask"].sum()) == int(batch["token_mask"].sum())
+        flat_loss, flat_count = lm_loss(model, flat)
     torch.testing.assert_close(packed_loss, sum(loss for loss, _ in singles), rtol=1e-5, atol=1e-4)
-    assert packed_count == sum(count for _, count in singles)
+    torch.testing.assert_close(flat_loss, packed_loss, rtol=1e-5, atol=1e-4)
+    assert packed_count == flat_count == sum(count for _, count in singles)
 
 
 def test_packing_keeps_every_token_and_label(tokenizer):

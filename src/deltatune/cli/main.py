@@ -218,7 +218,7 @@ def estimate(
 def bench(
     against: Annotated[str, typer.Option(help="The usual stack to compare with: hf (transformers + peft, plain loop).")] = "hf",
     method: Annotated[str, typer.Option(help="lora | full | qlora")] = "lora",
-    seq: Annotated[int, typer.Option(help="Longest example / packed row length in tokens.")] = 512,
+    seq: Annotated[int, typer.Option(help="Longest example in tokens (deltatune packs each step into one padding-free row).")] = 512,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps per stack.")] = 6,
     batch: Annotated[int, typer.Option(help="Examples per optimizer step (both stacks).")] = 8,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 1,

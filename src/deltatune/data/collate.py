@@ -16,7 +16,7 @@ import torch
 
 from deltatune.data.tokenize import IGNORE, Tokenized
 
-__all__ = ["Row", "pack", "as_rows", "collate"]
+__all__ = ["Row", "pack", "as_rows", "collate", "one_row"]
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,27 @@ def pack(examples: Sequence[Tokenized], max_length: int) -> list[Row]:
     return rows
 
 
-def collate(rows: Sequence[Row], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Right-pad rows into a batch.
+def one_row(rows: Sequence[Row]) -> list[Row]:
+    """All documents of `rows` in a single packed row (padding-free batching, TRL's
+    `padding_free`): with attention that splits rows into documents (models/packed_attention.py)
+    a row's length costs nothing, so no row is padded to the longest."""
+    ids, labels, positions = [], [], []
+    for row in rows:
+        ids += row.input_ids
+        labels += row.labels
+        positions += row.position_ids if row.position_ids is not None else list(range(len(row.input_ids)))
+    return [Row(ids, labels, positions)]
+
+
+def collate(rows: Sequence[Row], pad_id: int, pad_to_multiple: int = 8, single_row: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch (or, with `single_row`, concatenate them into one: `one_row`).
 
     Returns input_ids [B, T], labels [B, T] (IGNORE on padding) and either attention_mask [B, T]
     (unpacked rows) or, for packed rows, position_ids [B, T] (padding forms its own dummy
     document) and token_mask [B, T] (1 on real tokens; not a model input).
     """
+    if single_row:
+        rows = one_row(rows)
     length = max(len(r.input_ids) for r in rows)
     length = -(-length // pad_to_multiple) * pad_to_multiple
     packed = any(r.position_ids is not None for r in rows)

@@ -84,7 +84,10 @@ def _register(inner: str) -> str:
     name = _WRAPPED + inner
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _prefixed_attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+        # document-wise SDPA leaves packed rows unmasked and splits them itself, which it cannot
+        # do once prefix keys are in front: the prefixed path needs transformers' block mask
+        mask_of = "sdpa" if inner == PACKED_SDPA else inner
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_of])
     return name
 
 

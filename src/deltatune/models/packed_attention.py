@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-__all__ = ["PACKED_SDPA", "document_spans", "use_packed_attention"]
+__all__ = ["PACKED_SDPA", "document_spans", "splits_documents", "use_packed_attention"]
 
 PACKED_SDPA = "deltatune_packed_sdpa"
 
@@ -110,3 +110,9 @@ def use_packed_attention(model: nn.Module) -> bool:
         AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
     config._attn_implementation = PACKED_SDPA
     return True
+
+
+def splits_documents(model: nn.Module) -> bool:
+    """Whether `model` attends document by document in packed rows, so that a micro-batch of
+    packed rows can go in as one padding-free row (data/collate.py `one_row`)."""
+    return getattr(model.config, "_attn_implementation", None) == PACKED_SDPA

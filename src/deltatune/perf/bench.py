@@ -5,7 +5,9 @@ examples per optimizer step, the same hyper-parameters (LoRA r=16 alpha=32 dropo
 q,k,v,o,gate,up,down; AdamW lr 2e-4 constant, no weight decay, grad-norm clip 1.0) and, for LoRA,
 the same initial adapter (the baseline saves PEFT's initialisation, deltatune loads it). Each
 stack trains in its own process (honest peak RSS), alternately. The usual stack pads each
-step's examples to the longest; deltatune packs the same examples into rows of `seq` tokens.
+step's examples to the longest; deltatune packs the same examples (each at most `seq` tokens)
+into one padding-free row, as `deltatune train` does with `data.packing` (documents attend only
+to themselves).
 
 Printed: one JSON line with `speedup` (deltatune non-pad tokens/s over the baseline's),
 `memory_ratio` (deltatune peak RSS over the baseline's), `loss_delta` (relative difference of
@@ -114,7 +116,7 @@ def _step_batches(examples: Path, batch: int, steps: int, seq: int, pad_id: int,
         chunk = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
         toks = [Tokenized(r["input_ids"], r["labels"], "", False) for r in chunk]
         step_rows = pack(toks, seq) if packing else [Row(t.input_ids, t.labels) for t in toks]
-        out.append(collate(step_rows, pad_id))
+        out.append(collate(step_rows, pad_id, single_row=packing))
     return out
 
 
@@ -161,7 +163,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         })
     trainable = sum(p.numel() for _, p in deltas.named_parameters())
     return {
-        "stack": f"deltatune (packed rows, label-position logits), fp32, {allocator_in_use()}",
+        "stack": f"deltatune (one padding-free packed row, chunked loss at label positions), fp32, {allocator_in_use()}",
         "records": records,
         "peak_rss_bytes": peak_memory_bytes(),
         "trainable_params": trainable,

@@ -13,7 +13,9 @@ from typing import Any
 
 from deltatune.config import RunConfig
 from deltatune.data import BatchStream, build_sft_data, eval_batches
+from deltatune.data.collate import collate
 from deltatune.models import load_tokenizer
+from deltatune.models.packed_attention import splits_documents
 from deltatune.objectives.clm import count_label_tokens, lm_loss
 from deltatune.recipes.common import (
     EvalSetup,
@@ -44,7 +46,11 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     deltas = attach_deltas(model, cfg, device, log)
 
     # --- train -----------------------------------------------------------------------------------
-    stream = BatchStream(train_rows, cfg.train.batch_size, tokenizer.pad_token_id, seed=cfg.train.seed)
+    # packed rows go in as one padding-free row when attention splits them into documents
+    single_row = cfg.data.packing and splits_documents(model)
+    pad = tokenizer.pad_token_id
+    stream = BatchStream(train_rows, cfg.train.batch_size, pad, seed=cfg.train.seed,
+                         collate_fn=lambda rows, _epoch: collate(rows, pad, single_row=single_row))
     batches = lambda: eval_batches(eval_rows, cfg.train.batch_size, tokenizer.pad_token_id)  # noqa: E731
     result = train(
         model,
