@@ -54,4 +54,4 @@ def test_keeps_the_shared_input_and_a_byte_mask_not_fp32_copies():
     storages = {t.untyped_storage().data_ptr(): t for t in kept}
     float_bytes = sum(t.untyped_storage().nbytes() for t in storages.values() if t.dtype == torch.float32 and t.shape == x.shape)
     assert float_bytes == x.numel() * 4  # x once, no per-adapter dropped copies
-    assert sum(1 for t in storages.values() if t.dtype == torch.bool) == 3
+    assert sum(1 for t in storages.values() if t.dtype in (torch.bool, torch.uint8) and t.shape == x.shape) == 3  # 1-byte masks
