@@ -68,7 +68,9 @@ class DataConfig(StrictModel):
     max_length: int = Field(512, ge=8)
     """Examples longer than this many tokens are truncated (packing rows have this length)."""
     packing: bool = False
-    """Pack several short examples into each row (no attention across examples)."""
+    """Pack several short examples into each row of `max_length` (no attention across examples).
+    With SDPA attention on a decoder (the default) each micro-batch then goes in as one
+    padding-free row, each document attending only to itself."""
     train_on_inputs: bool = False
     """Also compute the loss on prompt (system/user) tokens, not only on assistant replies."""
     system: str | None = None
