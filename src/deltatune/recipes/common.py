@@ -4,7 +4,7 @@ save. Each is a plain function so a recipe still reads top to bottom."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import RunConfig, config_to_yaml
+from deltatune.data.collate import Row, collate
+from deltatune.data.loader import BatchStream
 from deltatune.deltas import DeltaSet, attach
 from deltatune.deltas.select import Head, HeadConfig, find_head_modules
 from deltatune.errors import UserError
 from deltatune.export.outputs import save_outputs
 from deltatune.inference import save_chat_template
 from deltatune.models import load_model
+from deltatune.models.packed_attention import splits_documents
 from deltatune.train.allocator import allocator_in_use
 from deltatune.train.dist import is_main, world_size
 from deltatune.train.logs import plot_losses
@@ -126,6 +129,14 @@ def attach_deltas(
     trainable, total = deltas.num_trainable(), deltas.num_total()
     log(f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.3f}%)")
     return deltas
+
+
+def lm_train_stream(cfg: RunConfig, rows: Sequence[Row], pad_id: int, model: nn.Module) -> BatchStream:
+    """The training stream of a causal-LM recipe (pt, sft). With `data.packing` and attention that
+    splits packed rows into documents, each micro-batch goes in as one padding-free row."""
+    single_row = cfg.data.packing and splits_documents(model)
+    return BatchStream(rows, cfg.train.batch_size, pad_id, seed=cfg.train.seed,
+                       collate_fn=lambda batch_rows, _epoch: collate(batch_rows, pad_id, single_row=single_row))
 
 
 def eval_loss_fn(

@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.config import RunConfig
-from deltatune.data import BatchStream, build_sft_data, eval_batches
-from deltatune.data.collate import collate
+from deltatune.data import build_sft_data, eval_batches
 from deltatune.models import load_tokenizer
-from deltatune.models.packed_attention import splits_documents
 from deltatune.objectives.clm import count_label_tokens, lm_loss
 from deltatune.recipes.common import (
     EvalSetup,
     attach_deltas,
     eval_loss_fn,
     finish_run,
+    lm_train_stream,
     load_base,
     load_trained,
     start_run,
@@ -46,11 +45,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     deltas = attach_deltas(model, cfg, device, log)
 
     # --- train -----------------------------------------------------------------------------------
-    # packed rows go in as one padding-free row when attention splits them into documents
-    single_row = cfg.data.packing and splits_documents(model)
-    pad = tokenizer.pad_token_id
-    stream = BatchStream(train_rows, cfg.train.batch_size, pad, seed=cfg.train.seed,
-                         collate_fn=lambda rows, _epoch: collate(rows, pad, single_row=single_row))
+    stream = lm_train_stream(cfg, train_rows, tokenizer.pad_token_id, model)
     batches = lambda: eval_batches(eval_rows, cfg.train.batch_size, tokenizer.pad_token_id)  # noqa: E731
     result = train(
         model,
