@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -90,7 +91,7 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-class LoraLayer(DeltaLayer):
+class LoraLayer(DeltaLayer, metaclass=ABCMeta):
     """A module with any number of named LoRA adapters; subclasses define the branch per module type.
 
     Factors are kept as 2-D matrices in `factors`: A [r, fan_in], B [fan_out, r], so the update of
@@ -106,13 +107,14 @@ class LoraLayer(DeltaLayer):
         """PiSSA adapters: their initial (A, B), the principal part taken out of the base weight."""
         self._merge_norms: dict[str, torch.Tensor] = {}
 
-    # ---- per module type ----------------------------------------------------------------------
+    # ---- per module type (LoraLinear, LoraEmbedding, LoraConv2d) ------------------------------
+    @abstractmethod
     def _create(self, name: str, r: int, factory: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Register adapter `name`'s rank-r factor parameters (`factory`: device and dtype)."""
 
+    @abstractmethod
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, fan_in], B [fan_out, r]) of adapter `name`, as views of its parameters."""
-        raise NotImplementedError
 
     def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Overwrite adapter `name`'s factors with 2-D A [r, fan_in], B [fan_out, r] (same r)."""
@@ -125,9 +127,9 @@ class LoraLayer(DeltaLayer):
         """A [fan_out, fan_in] update in the base weight's layout."""
         return update.reshape(self.base.weight.shape)
 
+    @abstractmethod
     def branch(self, name: str, x: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
         """s * B A x for adapter `name` (with other factors `a`, `b` when given: PiSSA's initial ones)."""
-        raise NotImplementedError
 
     def _cast(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The input in the adapter's dtype (autocast does it itself)."""
